@@ -1,0 +1,65 @@
+"""The ``biformer`` command (also ``python -m biformer``).
+
+Each subcommand lives in its own module, imported only when that subcommand runs, and exposes
+``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "train": ("biformer.train.cli_train", "train a classifier (no data argument: the bundled digits demo)"),
+    "eval": ("biformer.train.cli_eval", "evaluate a checkpoint: top-1/top-5, loss, per-class accuracy"),
+    "predict": ("biformer.train.cli_predict", "top-k labels for images with a checkpoint"),
+    "convert": ("biformer.checkpoint", "convert an original BiFormer checkpoint to safetensors"),
+    "flops": ("biformer.analysis.cli_flops", "parameters and FLOPs per stage of a model"),
+    "complexity": ("biformer.analysis.cli_complexity", "FLOPs of one BRA layer against the region count S"),
+    "visualize": ("biformer.viz.cli", "draw where queries route and attend"),
+    "bench": ("biformer.bench.cli", "benchmark BRA backends and whole models against baselines"),
+    "detect": ("biformer.detection.cli", "object detection: train, eval, predict"),
+    "segment": ("biformer.segmentation.cli", "semantic segmentation: train, eval, predict"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: biformer COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "biformer COMMAND --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(__version__)
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"biformer: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            print(f"biformer {name}: this command is not available in this build ({e})", file=sys.stderr)
+            return 2
+        raise
+    parser = argparse.ArgumentParser(prog=f"biformer {name}", description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"biformer {name}: error: {e}", file=sys.stderr)
+        return 1

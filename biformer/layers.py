@@ -1,0 +1,159 @@
+"""Attention layers: Bi-Level Routing Attention and BiFormer's last-stage global attention.
+
+Both only project and call a functional op; the routing and attention live in :mod:`biformer.ops`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ops import bi_level_routing_attention
+from .ops.regions import IntOrPair
+
+_LAYOUTS = ("NCHW", "NHWC")
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in _LAYOUTS:
+        raise ValueError(f"got layout={layout!r}, expected one of {_LAYOUTS}")
+
+
+def _to_nhwc(x: Tensor, dim: int, layout: str) -> Tensor:
+    """Validate an input map and return it channels-last (a view, no copy)."""
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D {layout} tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
+    channels = x.shape[1] if layout == "NCHW" else x.shape[-1]
+    if channels != dim:
+        raise ValueError(
+            f"got {channels} input channels (shape {tuple(x.shape)}, layout {layout}), expected dim={dim}"
+        )
+    if x.shape[-2] == 0 or x.shape[-3 if layout == "NHWC" else -1] == 0:
+        raise ValueError(f"got an empty spatial size in input of shape {tuple(x.shape)} ({layout})")
+    return x.permute(0, 2, 3, 1) if layout == "NCHW" else x
+
+
+def _depthwise(dim: int, kernel_size: int) -> Optional[nn.Conv2d]:
+    if kernel_size <= 0:
+        return None
+    return nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+
+class BiLevelRoutingAttention(nn.Module):
+    """Bi-Level Routing Attention (BiFormer, CVPR 2023) as a drop-in layer.
+
+    ``(N, dim, H, W)`` in, ``(N, dim, H, W)`` out, any ``H x W`` (``layout="NHWC"`` for
+    ``(N, H, W, dim)``). Maps that the region grid does not divide are padded and masked inside
+    the op, so the output does not depend on the padding.
+
+    Args:
+        dim: input and output channels.
+        num_heads: attention heads (must divide ``dim`` and ``qk_dim``).
+        n_win: regions per side.
+        topk: regions each query region attends to.
+        side_dwconv: kernel of the local context enhancement (LCE), a depthwise conv on V whose
+            output is added to the attention output; 0 disables it.
+        qk_dim: width of queries and keys (default ``dim``).
+        region_size: tokens per region side; when given it replaces ``n_win``.
+        qkv_bias: bias of the q/k/v projection.
+        qk_scale: logit scale; default ``qk_dim ** -0.5`` (the whole width, as in the original).
+        layout: ``"NCHW"`` or ``"NHWC"``.
+        backend: attention backend of :func:`biformer.ops.bi_level_routing_attention`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        n_win: int = 7,
+        topk: int = 4,
+        side_dwconv: int = 5,
+        *,
+        qk_dim: Optional[int] = None,
+        region_size: Optional[IntOrPair] = None,
+        qkv_bias: bool = True,
+        qk_scale: Optional[float] = None,
+        layout: str = "NCHW",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        _check_layout(layout)
+        qk_dim = qk_dim or dim
+        if qk_dim % num_heads or dim % num_heads:
+            raise ValueError(f"got num_heads={num_heads}, which must divide dim={dim} and qk_dim={qk_dim}")
+        if topk < 1:
+            raise ValueError(f"got topk={topk}, expected a positive number of routed regions")
+        self.dim = dim
+        self.qk_dim = qk_dim
+        self.num_heads = num_heads
+        self.n_win = None if region_size is not None else n_win
+        self.region_size = region_size
+        self.topk = topk
+        self.scale = qk_scale or qk_dim ** -0.5
+        self.layout = layout
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 2 * qk_dim + dim, bias=qkv_bias)
+        self.lce = _depthwise(dim, side_dwconv)
+        self.proj = nn.Linear(dim, dim)
+
+    def extra_repr(self) -> str:
+        grid = f"n_win={self.n_win}" if self.region_size is None else f"region_size={self.region_size}"
+        return f"dim={self.dim}, qk_dim={self.qk_dim}, num_heads={self.num_heads}, {grid}, topk={self.topk}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _to_nhwc(x, self.dim, self.layout)  # (N, H, W, C)
+        q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
+        out = bi_level_routing_attention(
+            q, k, v,
+            num_heads=self.num_heads,
+            topk=self.topk,
+            n_win=self.n_win,
+            region_size=self.region_size,
+            scale=self.scale,
+            backend=self.backend,
+        )  # (N, H, W, C)
+        if self.lce is not None:
+            out = out + self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = self.proj(out)
+        return out.permute(0, 3, 1, 2) if self.layout == "NCHW" else out
+
+
+class GlobalAttentionLCE(nn.Module):
+    """Plain multi-head self-attention over the whole map, plus LCE on the attention's *input*.
+
+    BiFormer's last stage (7x7 at 224^2) uses this instead of routing. Scale is ``head_dim ** -0.5``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        side_dwconv: int = 5,
+        *,
+        qkv_bias: bool = False,
+        layout: str = "NHWC",
+    ) -> None:
+        super().__init__()
+        _check_layout(layout)
+        if dim % num_heads:
+            raise ValueError(f"got num_heads={num_heads}, which must divide dim={dim}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.layout = layout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.lce = _depthwise(dim, side_dwconv)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _to_nhwc(x, self.dim, self.layout)  # (N, H, W, C)
+        n, h, w, c = x.shape
+        qkv = self.qkv(x).view(n, h * w, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, HW, d)
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, HW, d)
+        out = out.transpose(1, 2).reshape(n, h, w, c)
+        if self.lce is not None:
+            out = out + self.lce(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = self.proj(out)
+        return out.permute(0, 3, 1, 2) if self.layout == "NCHW" else out
