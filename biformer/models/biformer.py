@@ -183,6 +183,7 @@ class BiFormer(nn.Module):
         topks = _per_stage(topks, "topks")
         mlp_ratios = _per_stage(mlp_ratios, "mlp_ratios")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = embed_dims[-1]
@@ -227,6 +228,12 @@ class BiFormer(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def _check_image(self, x: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[2] < 1 or x.shape[3] < 1:
+            raise ValueError(
+                f"expected images of shape (N, {self.in_chans}, H, W) with H, W >= 1, got {tuple(x.shape)}"
+            )
 
     # ---- timm model contract -----------------------------------------------------------------
 
@@ -278,6 +285,7 @@ class BiFormer(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"got output_fmt={output_fmt!r}, expected 'NCHW'")
+        self._check_image(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
         x = self.stem(x)
@@ -308,6 +316,7 @@ class BiFormer(nn.Module):
         return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
+        self._check_image(x)
         x = self.stem(x)  # (N, 3, H, W) -> (N, C0, H/4, W/4)
         x = self.stages(x)  # -> (N, C3, H/32, W/32)
         return self.norm(x)

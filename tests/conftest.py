@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict
+
+import pytest
+import torch
+
+# Two cores: keep each test process to its share, so `pytest -n 2` does not oversubscribe.
+torch.set_num_threads(int(os.environ.get("BIFORMER_TEST_THREADS", "1")))
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO.parent / "shared" / "reference"
+
+
+def reference_file(name: str) -> Path:
+    path = REFERENCE / name
+    if not path.exists():
+        pytest.skip(f"reference data {path} is not present (expected ../shared/reference beside the repo)")
+    return path
+
+
+def original_state_dict(variant: str, device: str = "cpu", seed: int = 0) -> Dict[str, torch.Tensor]:
+    """A state_dict in the original implementation's names and shapes, from the reference key list.
+
+    Values are small random numbers (positive for BatchNorm variances) so the model runs sanely.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for line in reference_file(f"official_biformer_{variant}_keys.tsv").read_text().splitlines()[1:]:
+        key, shape_text = line.split("\t")
+        shape = tuple(int(s) for s in shape_text.split("x")) if shape_text else ()
+        if device == "meta":
+            state[key] = torch.empty(shape, device="meta", dtype=torch.long if not shape else torch.float32)
+        elif not shape:
+            state[key] = torch.tensor(7)
+        elif "running_var" in key:
+            state[key] = torch.rand(shape, generator=gen) + 0.5
+        else:
+            state[key] = torch.randn(shape, generator=gen) * 0.05
+    return state

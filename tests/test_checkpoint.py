@@ -1,0 +1,138 @@
+"""Loading the original's checkpoints, our safetensors format, conversion, and refusals."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import biformer  # noqa: F401
+from biformer.checkpoint import CheckpointError, convert, load_model, read_state_dict, save_model
+from biformer.cli import main as cli_main
+from biformer.models.biformer import CheckpointMismatchError, checkpoint_filter_fn
+
+from .conftest import original_state_dict
+
+VARIANTS = ["tiny", "small", "base", "stl"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_original_key_maps_onto_the_model(variant: str) -> None:
+    with torch.device("meta"):
+        model = timm.create_model(f"biformer_{variant}")
+    converted = checkpoint_filter_fn(original_state_dict(variant, device="meta"), model)
+    assert set(converted) == set(model.state_dict())
+    assert all(converted[k].shape == v.shape for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("wrapping", ["raw", "model", "state_dict"])
+def test_timm_pretrained_file_loads_every_wrapping(tmp_path: Path, wrapping: str) -> None:
+    state = original_state_dict("tiny")
+    path = tmp_path / "orig.pth"
+    torch.save(state if wrapping == "raw" else {wrapping: state, "epoch": 3}, path)
+    model = timm.create_model("biformer_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(model.stem.conv1.weight, state["downsample_layers.0.0.weight"])
+    assert torch.equal(model.stages[2].blocks[1].attn.qkv.weight, state["stages.2.1.attn.qkv.qkv.weight"])
+    assert torch.equal(model.stages[3].blocks[0].attn.lce.weight, state["stages.3.0.attn.lepe.weight"])
+    assert torch.equal(model.head.weight, state["head.weight"])
+
+
+def test_pretrained_with_other_num_classes_keeps_the_backbone(tmp_path: Path) -> None:
+    state = original_state_dict("tiny")
+    torch.save({"model": state}, tmp_path / "orig.pth")
+    model = timm.create_model(
+        "biformer_tiny", pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(tmp_path / "orig.pth"))
+    )
+    assert model.head.weight.shape == (10, 512)
+    assert torch.equal(model.stages[1].blocks[0].mlp.fc2.weight, state["stages.1.0.mlp.3.weight"])
+
+
+@pytest.mark.parametrize("variant", ["tiny", "stl"])
+def test_convert_cli_round_trip_gives_identical_outputs(tmp_path: Path, variant: str) -> None:
+    src, dst = tmp_path / "orig.pth", tmp_path / "ours.safetensors"
+    torch.save({"model": original_state_dict(variant)}, src)
+    assert cli_main(["convert", str(src), str(dst)]) == 0
+    via_timm = timm.create_model(f"biformer_{variant}", pretrained=True, pretrained_cfg_overlay=dict(file=str(src)))
+    ours, info = load_model(dst)
+    assert info["model_name"] == f"biformer_{variant}"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), via_timm.eval()(x), atol=0, rtol=0)
+    # our own file also loads through timm's pretrained path
+    again = timm.create_model(f"biformer_{variant}", pretrained=True, pretrained_cfg_overlay=dict(file=str(dst)))
+    assert torch.equal(again.head.weight, ours.head.weight)
+
+
+def test_save_and_load_our_format_keeps_kwargs_and_preprocessing(tmp_path: Path) -> None:
+    model = timm.create_model("biformer_tiny", num_classes=10, depths=(1, 1, 1, 1), n_win=4)
+    path = tmp_path / "m.safetensors"
+    save_model(path, model, "biformer_tiny", {"num_classes": 10, "depths": [1, 1, 1, 1], "n_win": 4})
+    loaded, info = load_model(path)
+    assert info["model_kwargs"]["n_win"] == 4 and info["pretrained_cfg"]["crop_pct"] == 0.875
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.glob(".*tmp"))  # the atomic write left nothing behind
+
+
+def test_checkpoint_of_another_model_is_refused_naming_both(tmp_path: Path) -> None:
+    model = timm.create_model("biformer_tiny", depths=(1, 1, 1, 1))
+    path = tmp_path / "tiny.safetensors"
+    save_model(path, model, "biformer_tiny", {"depths": [1, 1, 1, 1]})
+    with pytest.raises(CheckpointMismatchError, match="holds a biformer_tiny checkpoint, but model biformer_small"):
+        load_model(path, "biformer_small")
+    torch.save(original_state_dict("tiny"), tmp_path / "tiny.pth")
+    with pytest.raises(CheckpointMismatchError, match="does not fit model biformer_stl"):
+        load_model(tmp_path / "tiny.pth", "biformer_stl")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda sd: sd.pop("stages.0.0.norm1.weight"), r"1 missing keys: stages\.0\.blocks\.0\.norm1\.weight"),
+        (lambda sd: sd.__setitem__("extra.weight", torch.zeros(2)), r"1 unexpected keys: extra\.weight"),
+        (
+            lambda sd: sd.__setitem__("stages.1.0.attn.wo.weight", torch.zeros(128, 64)),
+            r"stages\.1\.blocks\.0\.attn\.proj\.weight: checkpoint \(128, 64\) vs model \(128, 128\)",
+        ),
+    ],
+)
+def test_misfitting_checkpoint_names_keys_and_shapes(damage, message) -> None:
+    state = original_state_dict("tiny")
+    damage(state)
+    model = timm.create_model("biformer_tiny")
+    with pytest.raises(CheckpointMismatchError, match=message):
+        checkpoint_filter_fn(state, model)
+
+
+def test_truncated_files_are_refused(tmp_path: Path) -> None:
+    state = {"a": torch.randn(100, 100)}
+    save_file(state, tmp_path / "ok.safetensors")
+    torch.save(state, tmp_path / "ok.pth")
+    for name in ("ok.safetensors", "ok.pth"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut_{name}").write_bytes(data[: len(data) // 2])
+        with pytest.raises(CheckpointError, match="cut_"):
+            read_state_dict(tmp_path / f"cut_{name}")
+    with pytest.raises(CheckpointError, match="no checkpoint file"):
+        read_state_dict(tmp_path / "missing.pth")
+
+
+class _RunsCode:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_not_run(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"model": {"x": _RunsCode(str(marker))}}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_model(tmp_path / "evil.pth")
+    with pytest.raises(Exception):
+        timm.create_model("biformer_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "evil.pth")))
+    assert not marker.exists()
