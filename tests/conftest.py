@@ -7,8 +7,9 @@ from typing import Dict
 import pytest
 import torch
 
-# Two cores: keep each test process to its share, so `pytest -n 2` does not oversubscribe.
-torch.set_num_threads(int(os.environ.get("BIFORMER_TEST_THREADS", "1")))
+# Under `pytest -n N` each worker keeps to one thread, so the workers do not oversubscribe the cores.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"

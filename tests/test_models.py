@@ -39,7 +39,9 @@ def parity():
     return model.eval(), tensors
 
 
-@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("backend", [b for b in available_backends() if b != "flex"] + [
+    pytest.param("flex", marks=pytest.mark.slow)  # compiles flex for each stage shape
+])
 def test_parity_with_the_original_implementation(parity, backend: str) -> None:
     model, ref = parity
     for module in model.modules():

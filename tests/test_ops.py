@@ -16,6 +16,9 @@ from biformer.ops import (
     routed_attention_weights,
 )
 
+# backends that run forward and backward on the CPU; 'flex' has its own tests (test_flex.py)
+CPU_BACKENDS = [b for b in available_backends() if b != "flex"]
+
 # (N, H, W, n_win or None, region_size or None, topk, heads)
 SHAPES = [
     (2, 14, 14, 7, None, 4, 2),  # divisible
@@ -61,7 +64,7 @@ def _grid(h: int, w: int, n_win, region_size) -> RegionGrid:
     return regions.resolve_grid(h, w, n_win=n_win, region_size=region_size)
 
 
-@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:3])))
 def test_backends_match_naive_ground_truth(backend: str, shape: Tuple) -> None:
     n, h, w, n_win, region_size, topk, num_heads = shape
@@ -74,7 +77,7 @@ def test_backends_match_naive_ground_truth(backend: str, shape: Tuple) -> None:
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", [b for b in available_backends() if b != "reference"])
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s[:3])))
 def test_backend_gradients_match_reference(backend: str, shape: Tuple) -> None:
     n, h, w, n_win, region_size, topk, num_heads = shape
@@ -88,7 +91,7 @@ def test_backend_gradients_match_reference(backend: str, shape: Tuple) -> None:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("hw", [(4, 4), (5, 3)])
 def test_float64_gradcheck(backend: str, hw: Tuple[int, int]) -> None:
     q, k, v = (t.requires_grad_() for t in _maps(1, *hw, 4, 4, dtype=torch.float64, seed=2))
@@ -99,7 +102,7 @@ def test_float64_gradcheck(backend: str, hw: Tuple[int, int]) -> None:
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_output_does_not_depend_on_padding_values(backend: str, monkeypatch) -> None:
     q, k, v = _maps(2, 13, 10, 8, 8)
     kwargs = dict(num_heads=2, topk=3, n_win=4, backend=backend)

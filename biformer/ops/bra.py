@@ -16,7 +16,9 @@ Backends (``backend=``):
 * ``"sdpa"``: the same gather, then ``F.scaled_dot_product_attention`` (no attention matrix kept).
 * ``"dense"``: attention over the whole map with routing expressed as a mask; cheaper when regions
   are tiny and ``topk`` is a large share of them.
-* ``"auto"``: picks per call from a cost estimate (see :func:`select_backend`).
+* ``"flex"``: compiled FlexAttention with a BlockMask built from the routed regions (GPU training
+  and inference; CPU inference only). Never chosen by ``"auto"``; see :mod:`biformer.ops.flex`.
+* ``"auto"``: picks ``"sdpa"`` or ``"dense"`` per call from a cost estimate (see :func:`select_backend`).
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import regions
+from .errors import BackendUnavailable
+from .flex import flex_backend
 from .regions import IntOrPair, RegionGrid, Routing, from_regions, resolve_grid, route, to_regions
 
 __all__ = [
@@ -35,10 +40,6 @@ __all__ = [
     "available_backends",
     "BackendUnavailable",
 ]
-
-
-class BackendUnavailable(ValueError):
-    """A backend was asked for explicitly but cannot take this input; the message says why."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,64 +71,103 @@ def routed_key_valid(routing: Routing, device: torch.device) -> Optional[Tensor]
     return valid[routing.indices].view(n, p, topk * grid.region_tokens)
 
 
-def _routed_logits(qr: Tensor, kr: Tensor, routing: Routing, scale: float) -> Tuple[Tensor, Tensor]:
+def region_token_index(grid: RegionGrid, device: Optional[torch.device] = None) -> Tensor:
+    """``(P, T)`` flat ``y * W + x`` index of every region slot in the unpadded map.
+
+    Padding slots point at the nearest real token (any real row would do: they are masked out).
+    """
+    ys = torch.arange(grid.padded_h, device=device).clamp(max=grid.height - 1)
+    xs = torch.arange(grid.padded_w, device=device).clamp(max=grid.width - 1)
+    index = ys[:, None] * grid.width + xs[None, :]  # (Hp, Wp)
+    index = index.view(grid.rows, grid.region_h, grid.cols, grid.region_w).permute(0, 2, 1, 3)
+    return index.reshape(grid.num_regions, grid.region_tokens)
+
+
+def token_region(grid: RegionGrid, device: Optional[torch.device] = None) -> Tensor:
+    """``(H*W,)`` region number of every real token, row-major."""
+    ys = torch.arange(grid.height, device=device) // grid.region_h
+    xs = torch.arange(grid.width, device=device) // grid.region_w
+    return (ys[:, None] * grid.cols + xs[None, :]).reshape(-1)
+
+
+def _routed_logits(qr: Tensor, kr: Tensor, routing: Routing, scale: float) -> Tensor:
     k_sel = gather_routed(kr, routing.indices)  # (N, P, h, kT, dq)
     logits = (qr * scale) @ k_sel.transpose(-1, -2)  # (N, P, h, T, kT)
     key_valid = routed_key_valid(routing, qr.device)
     if key_valid is not None:
         logits = logits.masked_fill(~key_valid[:, :, None, None, :], float("-inf"))
-    return logits, k_sel
+    return logits
 
 
 # --------------------------------------------------------------------------------------------
-# backends: each maps (qr, kr, vr, routing, scale) -> (N, P, h, T, dv), in region layout
+# backends: each maps channels-last (q, k, v), a routing, heads and scale to (N, H, W, C_v)
 
 
-def _reference(qr: Tensor, kr: Tensor, vr: Tensor, routing: Routing, scale: float) -> Tensor:
-    logits, _ = _routed_logits(qr, kr, routing, scale)
-    weights = logits.softmax(dim=-1)
+def _reference(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: int, scale: float) -> Tensor:
+    """Cut into regions, gather the routed regions, explicit softmax."""
+    grid = routing.grid
+    qr, kr, vr = (to_regions(t, grid, num_heads) for t in (q, k, v))  # (N, P, h, T, d)
+    weights = _routed_logits(qr, kr, routing, scale).softmax(dim=-1)  # (N, P, h, T, kT)
     v_sel = gather_routed(vr, routing.indices)  # (N, P, h, kT, dv)
-    return weights @ v_sel
+    return from_regions(weights @ v_sel, grid)
 
 
-def _sdpa(qr: Tensor, kr: Tensor, vr: Tensor, routing: Routing, scale: float) -> Tensor:
-    n, p, h, t, dq = qr.shape
-    k_sel = gather_routed(kr, routing.indices).flatten(0, 1)  # (N*P, h, kT, dq)
-    v_sel = gather_routed(vr, routing.indices).flatten(0, 1)  # (N*P, h, kT, dv)
-    mask = routed_key_valid(routing, qr.device)
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: int, scale: float) -> Tensor:
+    """Routed tokens gathered straight from the image-order maps, then fused attention.
+
+    One ``index_select`` per K and V does both the region cut and the routing gather, and its
+    backward is one index-add into an image-sized buffer. Every tensor handed to SDPA keeps a
+    contiguous last dimension (SDPA's fast CPU kernel needs it).
+    """
+    grid = routing.grid
+    n, height, width, c_qk = q.shape
+    c_v = v.shape[-1]
+    p, t, topk = grid.num_regions, grid.region_tokens, routing.indices.shape[-1]
+    h = num_heads
+
+    rows = region_token_index(grid, q.device)[routing.indices]  # (N, P, k, T)
+    rows = (rows + torch.arange(n, device=q.device).view(n, 1, 1, 1) * (height * width)).reshape(-1)
+
+    def routed(x: Tensor) -> Tensor:  # (N, H, W, C) -> (N*P, h, k*T, C/h)
+        c = x.shape[-1]
+        return x.reshape(n * height * width, c).index_select(0, rows).view(n * p, topk * t, h, c // h).transpose(1, 2)
+
+    q_regions = regions.pad_map(q, grid).reshape(n, grid.rows, grid.region_h, grid.cols, grid.region_w, c_qk)
+    q_regions = q_regions.permute(0, 1, 3, 2, 4, 5).reshape(n * p, t, h, c_qk // h).transpose(1, 2)  # (N*P, h, T, dq)
+    mask = routed_key_valid(routing, q.device)
     if mask is not None:
-        mask = mask.view(n * p, 1, 1, -1)
-    out = F.scaled_dot_product_attention(qr.flatten(0, 1), k_sel, v_sel, attn_mask=mask, scale=scale)
-    return out.view(n, p, h, t, -1)
+        mask = mask.view(n * p, 1, 1, topk * t)
+    out = F.scaled_dot_product_attention(q_regions, routed(k), routed(v), attn_mask=mask, scale=scale)
+    # out: (N*P, h, T, dv), laid out in memory as (N*P, T, h, dv) because q was
+    out = out.transpose(1, 2).reshape(n, grid.rows, grid.cols, grid.region_h, grid.region_w, c_v)
+    out = out.permute(0, 1, 3, 2, 4, 5).reshape(n, grid.padded_h, grid.padded_w, c_v)
+    return out[:, :height, :width] if grid.is_padded else out
 
 
 def dense_routing_mask(routing: Routing) -> Tensor:
-    """``(N, 1, P*T, P*T)`` bool: token i may attend token j (region-major token order)."""
+    """``(N, 1, H*W, H*W)`` bool: real token i may attend real token j (row-major token order)."""
     grid = routing.grid
     n, p, _ = routing.indices.shape
-    t = grid.region_tokens
     allowed = torch.zeros(n, p, p, dtype=torch.bool, device=routing.indices.device)
-    allowed.scatter_(2, routing.indices, True)  # (N, P query regions, P key regions)
-    mask = allowed[:, :, None, :, None].expand(n, p, t, p, t)
-    if grid.is_padded:
-        mask = mask & grid.token_valid(allowed.device)[None, None, None]
-    return mask.reshape(n, 1, p * t, p * t)
+    allowed.scatter_(2, routing.indices, True)  # (N, query region, key region)
+    region = token_region(grid, allowed.device)  # (HW,)
+    return allowed[:, region][:, :, region].unsqueeze(1)
 
 
-def _dense(qr: Tensor, kr: Tensor, vr: Tensor, routing: Routing, scale: float) -> Tensor:
-    n, p, h, t, _ = qr.shape
+def _dense(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: int, scale: float) -> Tensor:
+    """Attention over the whole (unpadded) map, with the routing as a token mask. No copies, no padding."""
+    n, height, width, _ = q.shape
+    h = num_heads
 
-    def flat(x: Tensor) -> Tensor:  # (N, P, h, T, d) -> (N, h, P*T, d)
-        return x.transpose(1, 2).reshape(n, h, p * t, x.shape[-1])
+    def heads(x: Tensor) -> Tensor:  # (N, H, W, C) -> (N, h, HW, C/h), a view
+        return x.reshape(n, height * width, h, x.shape[-1] // h).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(
-        flat(qr), flat(kr), flat(vr), attn_mask=dense_routing_mask(routing), scale=scale
-    )  # (N, h, P*T, dv)
-    return out.view(n, h, p, t, -1).transpose(1, 2)
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=dense_routing_mask(routing), scale=scale)
+    return out.transpose(1, 2).reshape(n, height, width, v.shape[-1])  # (N, h, HW, dv) -> (N, H, W, C_v)
 
 
-Backend = Callable[[Tensor, Tensor, Tensor, Routing, float], Tensor]
-_BACKENDS: Dict[str, Backend] = {"reference": _reference, "sdpa": _sdpa, "dense": _dense}
+Backend = Callable[[Tensor, Tensor, Tensor, Routing, int, float], Tensor]
+_BACKENDS: Dict[str, Backend] = {"reference": _reference, "sdpa": _sdpa, "dense": _dense, "flex": flex_backend}
 
 
 def available_backends() -> Tuple[str, ...]:
@@ -137,11 +177,11 @@ def available_backends() -> Tuple[str, ...]:
 def select_backend(grid: RegionGrid, topk: int) -> str:
     """The cheaper of the routed (gather + SDPA) and dense-masked paths, by a simple cost model.
 
-    Dense attention does ``P/topk`` times the routed path's multiply-adds but needs no gather and
-    runs as one large kernel. It wins when regions are tiny (a few tokens each, where the routed
-    path is dominated by per-region overhead) and ``topk`` is a large share of the regions.
+    Dense attention does ``P/topk`` times the routed path's multiply-adds but needs no gather, no
+    copies and runs as one large kernel. It wins when regions are tiny (a few tokens each, where the
+    routed path is dominated by per-region overhead) and ``topk`` is a large share of the regions.
     """
-    tokens = grid.num_regions * grid.region_tokens
+    tokens = grid.height * grid.width
     dense_cost = tokens * tokens
     # each routed region pays a fixed overhead worth roughly 64 tokens of attention work
     routed_cost = grid.num_regions * (grid.region_tokens + 64) * topk * grid.region_tokens
@@ -217,10 +257,7 @@ def bi_level_routing_attention(
         raise BackendUnavailable(f"got backend={backend!r}, expected 'auto' or one of {available_backends()}")
 
     routing = route(q, k, grid, topk, scale)
-    qr = to_regions(q, grid, num_heads)  # (N, P, h, T, dq)
-    kr = to_regions(k, grid, num_heads)
-    vr = to_regions(v, grid, num_heads)  # (N, P, h, T, dv)
-    out = from_regions(_BACKENDS[backend](qr, kr, vr, routing, scale), grid)  # (N, H, W, C_v)
+    out = _BACKENDS[backend](q, k, v, routing, num_heads, scale)  # (N, H, W, C_v)
     return (out, routing) if return_routing else out
 
 
@@ -236,5 +273,4 @@ def routed_attention_weights(
         scale = q.shape[-1] ** -0.5
     qr = to_regions(q, routing.grid, num_heads)
     kr = to_regions(k, routing.grid, num_heads)
-    logits, _ = _routed_logits(qr, kr, routing, scale)
-    return logits.softmax(dim=-1)
+    return _routed_logits(qr, kr, routing, scale).softmax(dim=-1)
