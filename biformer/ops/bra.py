@@ -181,6 +181,8 @@ def select_backend(grid: RegionGrid, topk: int) -> str:
     copies and runs as one large kernel. It wins when regions are tiny (a few tokens each, where the
     routed path is dominated by per-region overhead) and ``topk`` is a large share of the regions.
     """
+    if not isinstance(grid.height * grid.width, int):
+        return "sdpa"  # symbolic sizes (torch.export with dynamic H, W): one path for every size
     tokens = grid.height * grid.width
     dense_cost = tokens * tokens
     # each routed region pays a fixed overhead worth roughly 64 tokens of attention work

@@ -13,6 +13,8 @@ Known traps of FlexAttention (torch 2.13/2.14), and the guard for each:
   recompile limit was hit (dynamo falls back to eager). We compile with ``fullgraph=True`` and our
   own ``recompile_limit``, so hitting the limit raises instead of falling back; any compile failure
   marks the backend unusable for the rest of the process, and every later call is refused.
+* Inductor's CPU flex template fails to compile a BlockMask with full blocks (a C++ error about
+  ``kv_indices``), so on the CPU every routed block is a partial block and ``mask_mod`` is applied.
 * Dynamic-shape compilation of flex on the CPU fails or miscompiles for some shapes, so we
   compile per static shape.
 """
@@ -59,7 +61,9 @@ def routing_block_mask(routing: Routing) -> "BlockMask":
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return allowed[b, q_idx // t, kv_idx // t] & key_valid[kv_idx]
 
-    if grid.is_padded:  # routed blocks may hold padding: partial blocks, mask_mod decides
+    # Partial blocks (mask_mod decides inside them) when routed blocks may hold padding, and always on
+    # the CPU: inductor's CPU flex template fails to compile with full blocks (torch 2.14).
+    if grid.is_padded or device.type == "cpu":
         return BlockMask.from_kv_blocks(
             num_blocks, kv_indices, BLOCK_SIZE=(t, t), mask_mod=mask_mod, seq_lengths=(p * t, p * t)
         )

@@ -1,0 +1,110 @@
+"""COCO-format detection data: an images folder plus an ``instances_*.json`` file.
+
+Category ids in the file (any, e.g. COCO's 1..90 with gaps) become contiguous labels ``1..K`` in
+sorted id order; :attr:`CocoDetection.category_ids` maps them back for evaluation.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+PathLike = Union[str, os.PathLike]
+
+__all__ = ["CocoDetection", "collate"]
+
+
+def _quiet_coco(ann_file: PathLike) -> Any:
+    from pycocotools.coco import COCO
+
+    if not Path(ann_file).is_file():
+        raise FileNotFoundError(f"no COCO annotation file at {str(ann_file)!r}")
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+        return COCO(str(ann_file))
+
+
+class CocoDetection(Dataset):
+    """Images and targets in torchvision's detection format.
+
+    Each item is ``(image, target)``: ``image`` a float RGB tensor ``(3, H, W)`` in [0, 1]; ``target``
+    has ``boxes`` (N, 4) x1y1x2y2 pixels, ``labels`` (N,) in 1..K, ``image_id`` and, with
+    ``masks=True``, ``masks`` (N, H, W) uint8. Crowd regions are left out.
+
+    Args:
+        train: drop images without any usable object and flip horizontally at random (p=0.5).
+    """
+
+    def __init__(self, images_dir: PathLike, ann_file: PathLike, *, train: bool = False, masks: bool = False) -> None:
+        self.images_dir = Path(images_dir)
+        if not self.images_dir.is_dir():
+            raise FileNotFoundError(f"no images folder at {str(images_dir)!r}")
+        self.coco = _quiet_coco(ann_file)
+        self.category_ids: List[int] = sorted(self.coco.getCatIds())
+        if not self.category_ids:
+            raise ValueError(f"{str(ann_file)!r} defines no categories")
+        self.class_names: List[str] = [self.coco.cats[c]["name"] for c in self.category_ids]
+        self._label_of = {c: i + 1 for i, c in enumerate(self.category_ids)}
+        ids = sorted(self.coco.getImgIds())
+        if train:
+            ids = [i for i in ids if self._annotations(i)]
+        if not ids:
+            raise ValueError(f"{str(ann_file)!r} has no {'annotated ' if train else ''}images")
+        self.ids = ids
+        self.train = train
+        self.masks = masks
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _annotations(self, image_id: int) -> List[Dict[str, Any]]:
+        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id, iscrowd=False))
+        return [a for a in anns if a["bbox"][2] > 1 and a["bbox"][3] > 1 and a["category_id"] in self._label_of]
+
+    def load_image(self, index: int) -> Tensor:
+        from PIL import Image
+
+        info = self.coco.imgs[self.ids[index]]
+        with Image.open(self.images_dir / info["file_name"]) as im:
+            array = np.asarray(im.convert("RGB"))
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)  # (H, W, 3) -> (3, H, W)
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, Dict[str, Tensor]]:
+        image_id = self.ids[index]
+        image = self.load_image(index)
+        _, height, width = image.shape
+        anns = self._annotations(image_id)
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+        boxes[:, 0::2].clamp_(0, width)
+        boxes[:, 1::2].clamp_(0, height)
+        target = {
+            "boxes": boxes,
+            "labels": torch.tensor([self._label_of[a["category_id"]] for a in anns], dtype=torch.int64),
+            "image_id": torch.tensor(image_id),
+        }
+        if self.masks:
+            with warnings.catch_warnings():
+                # pycocotools' decoder trips a NumPy 2 DeprecationWarning (``copy=False``) on every mask
+                warnings.simplefilter("ignore", DeprecationWarning)
+                masks = [self.coco.annToMask(a) for a in anns]
+            target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, height, width, dtype=torch.uint8)
+        if self.train and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+            target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+            if self.masks:
+                target["masks"] = target["masks"].flip(-1)
+        return image, target
+
+
+def collate(batch: List[Tuple[Tensor, Dict[str, Tensor]]]) -> Tuple[List[Tensor], List[Dict[str, Tensor]]]:
+    """Detection batches stay lists: images differ in size, and torchvision batches them itself."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)

@@ -1,0 +1,27 @@
+"""Training, evaluation and prediction for image classification (``biformer train|eval|predict``).
+
+The recipe defaults are the paper's ImageNet recipe; ``--preset digits`` (the default when no data
+is given) trains a small BiFormer on scikit-learn's bundled handwritten digits in minutes on a CPU.
+Submodules are imported on first use, so ``python -m biformer.train.data`` runs cleanly.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "PRESETS": "config",
+    "TrainConfig": "config",
+    "build_config": "config",
+    "EvalResult": "engine",
+    "Trainer": "engine",
+    "evaluate": "engine",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

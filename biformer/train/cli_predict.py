@@ -1,0 +1,91 @@
+"""``biformer predict``: the top-k labels of image files (or of every image under a folder)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import torch
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (searched recursively)")
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="our .safetensors or an original checkpoint")
+    parser.add_argument("--model", default=None, help="expected model name; a checkpoint of another model is refused")
+    parser.add_argument("--top-k", type=int, default=5, help="labels per image (default: 5)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def find_images(inputs: List[str]) -> List[Path]:
+    """Files as given; folders expanded to their image files, sorted."""
+    from timm.data.readers.img_extensions import get_img_extensions
+
+    extensions = get_img_extensions(as_set=True)
+    found: List[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+            if not files:
+                raise FileNotFoundError(f"no images ({', '.join(sorted(extensions))}) under {item!r}")
+            found += files
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"no image or folder at {item!r}")
+    return found
+
+
+def run(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .engine import log
+    from .data import eval_transform
+    from .inference import display_names, load_checkpoint
+    from .runtime import resolve_device
+
+    if args.top_k < 1:
+        raise ValueError(f"got --top-k {args.top_k}, expected at least 1")
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, args.model, device)
+    names = display_names(ckpt)
+    transform = eval_transform(ckpt.data_cfg)
+    k = min(args.top_k, ckpt.num_classes)
+
+    readable: List[Tuple[Path, torch.Tensor]] = []
+    skipped: List[Dict[str, str]] = []
+    for path in find_images(args.images):
+        try:
+            with Image.open(path) as img:
+                readable.append((path, transform(img.convert("RGB"))))
+        except Exception as e:  # a damaged file is reported, not fatal
+            skipped.append({"path": str(path), "error": f"{type(e).__name__}: {e}"})
+            log(f"warning: skipped unreadable image {path} ({type(e).__name__}: {e})")
+
+    results: List[Dict[str, Any]] = []
+    with torch.no_grad():
+        for start in range(0, len(readable), args.batch_size):
+            chunk = readable[start:start + args.batch_size]
+            batch = torch.stack([x for _, x in chunk]).to(device)  # (B, 3, H, W)
+            probs = ckpt.model(batch).float().softmax(dim=1)  # (B, classes)
+            top = probs.topk(k, dim=1)
+            for (path, _), values, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
+                results.append({"path": str(path), "predictions": [
+                    {"label": names[i], "index": i, "probability": p} for p, i in zip(values, indices)]})
+
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "model": ckpt.model_name,
+                          "results": results, "skipped": skipped}))
+    else:
+        for item in results:
+            print(item["path"])
+            for rank, pred in enumerate(item["predictions"], 1):
+                print(f"  {rank}. {100 * pred['probability']:6.2f}%  {pred['label']}")
+    return 0 if results or not skipped else 1
+
+
+__all__ = ["add_arguments", "find_images", "run"]

@@ -1,0 +1,111 @@
+"""``biformer train``: train a classifier on a laptop CPU, one GPU or many GPUs/nodes under torchrun."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+from .config import (
+    DIGITS,
+    CONFIG_FIELDS,
+    TrainConfig,
+    add_config_arguments,
+    build_config,
+    explicit_overrides,
+    load_yaml,
+    resolved_drop_path,
+    resolved_lr,
+)
+
+# What may change when a run is resumed: where and how it runs, never what it computes.
+RESUME_OVERRIDES = frozenset({"data", "device", "num_workers", "progress", "tensorboard", "log_interval", "save_every"})
+
+EXAMPLES = """examples:
+  biformer train --output runs/digits                 # the bundled digits, a few minutes on a CPU
+  biformer train --data /data/imagenet --output runs/tiny   # the paper's ImageNet recipe (BiFormer-T)
+  biformer train --config configs/imagenet_biformer_small.yaml
+  torchrun --standalone --nproc_per_node 8 -m biformer train --data /data/imagenet --output runs/tiny
+  biformer train --resume runs/tiny                   # continue a stopped run
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXAMPLES
+    parser.add_argument("--config", metavar="YAML", default=None,
+                        help="YAML file of options (flags given here override it)")
+    parser.add_argument("--resume", metavar="DIR", default=None,
+                        help="continue the run in DIR from its last checkpoint, with its config.yaml")
+    add_config_arguments(parser)
+
+
+def resolve(cfg: TrainConfig, world_size: int, output: str) -> TrainConfig:
+    """Fill the values that depend on the data given and the number of processes, so the saved
+    config states exactly what ran."""
+    from .data import default_num_workers
+
+    if cfg.dataset is None:
+        cfg.dataset = DIGITS if cfg.data is None else ""
+    cfg.drop_path = resolved_drop_path(cfg)
+    cfg.lr = resolved_lr(cfg, world_size)
+    if cfg.num_workers is None:
+        cfg.num_workers = default_num_workers()
+    cfg.output = output
+    return cfg
+
+
+def _default_output(cfg: TrainConfig) -> str:
+    return str(Path("runs") / f"{cfg.preset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _broadcast(value: Any) -> Any:
+    """The main process's ``value`` on every rank (run names hold a timestamp)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def load_config(args: argparse.Namespace) -> TrainConfig:
+    overrides: Dict[str, Any] = explicit_overrides(args)
+    if args.resume is None:
+        return build_config(overrides, args.config)
+    if args.config:
+        raise ValueError("--resume continues a run with its own config.yaml; drop --config")
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"no run to resume at {str(run_dir)!r} (it has no config.yaml)")
+    saved = load_yaml(run_dir / "config.yaml")
+    changed = sorted(k for k in set(overrides) - RESUME_OVERRIDES if overrides[k] != saved.get(k))
+    if changed:
+        raise ValueError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when resuming; "
+                         f"only {', '.join(sorted(RESUME_OVERRIDES))} may change")
+    cfg = build_config(overrides, base=saved)
+    cfg.output = str(run_dir)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from .engine import Trainer, check_output, write_config
+    from .runtime import init_runtime, shutdown
+
+    cfg = load_config(args)
+    runtime = init_runtime(cfg.device)
+    try:
+        output = cfg.output or _broadcast(_default_output(cfg))
+        cfg = resolve(cfg, runtime.world_size, output)
+        resume = args.resume is not None
+        check_output(cfg, resume)
+        trainer = Trainer(cfg, runtime, resume=resume)
+        write_config(cfg, runtime)
+        trainer.fit()
+    finally:
+        shutdown(runtime)
+    return 0
+
+
+__all__ = ["CONFIG_FIELDS", "add_arguments", "load_config", "resolve", "run"]
