@@ -59,15 +59,16 @@ def load_classification_weights(model: BiFormer, path: PathLike, model_name: Opt
     ``model_name``, when given, must match the name stored in one of our checkpoints.
     """
     state_dict, metadata = read_state_dict(path)
+    # a task model's "model_name" is its builder (e.g. "upernet"), so say what it is before comparing names
+    if "task" in metadata:
+        raise CheckpointMismatchError(
+            f"{str(path)!r} is a whole {metadata['task']} model ({metadata.get('model_name')}), not a "
+            "classification checkpoint; load it with that task's load function instead"
+        )
     saved_name = metadata.get("model_name") if metadata.get("format") == FORMAT else None
     if saved_name and model_name and saved_name != model_name:
         raise CheckpointMismatchError(
             f"{str(path)!r} holds a {saved_name} checkpoint, but the backbone is {model_name}"
-        )
-    if "task" in metadata:
-        raise CheckpointMismatchError(
-            f"{str(path)!r} is a whole {metadata['task']} model, not a classification checkpoint; "
-            "load it with that task's load function instead"
         )
     try:
         state_dict = checkpoint_filter_fn(state_dict, model)

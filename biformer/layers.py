@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -115,7 +116,10 @@ class BiLevelRoutingAttention(nn.Module):
             backend=self.backend,
         )  # (N, H, W, C)
         if self.lce is not None:
-            out = out + self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            # a dense channels_last input keeps the conv backward on its fast path
+            local = self.lce(v.contiguous().permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            # SDPA keeps its output for backward, so only inference may add in place
+            out = out + local if torch.is_grad_enabled() else out.add_(local)
         out = self.proj(out)
         return out.permute(0, 3, 1, 2) if self.layout == "NCHW" else out
 

@@ -84,6 +84,28 @@ def test_loads_our_classification_checkpoint_and_matches_classifier_stages(tmp_p
     BiFormerBackbone("biformer_tiny", n_win=16, pretrained=path, **TINY)
 
 
+def test_loads_the_original_classification_checkpoint_format(tmp_path):
+    from .conftest import original_state_dict
+
+    state = original_state_dict("tiny")  # the original's key names and shapes, head and final norm included
+    torch.save({"model": state}, tmp_path / "orig.pth")
+    backbone = BiFormerBackbone("biformer_tiny", n_win=16, pretrained=tmp_path / "orig.pth")
+    assert torch.equal(backbone.stem.conv1.weight, state["downsample_layers.0.0.weight"])
+    assert torch.equal(backbone.stages[2].blocks[1].attn.qkv.weight, state["stages.2.1.attn.qkv.qkv.weight"])
+    assert torch.equal(backbone.stages[3].blocks[0].attn.lce.weight, state["stages.3.0.attn.lepe.weight"])
+    # the per-output norms are new (as in the original's dense wrapper): identity affine
+    assert all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in backbone.extra_norms)
+
+
+def test_refuses_a_whole_task_model_as_backbone_weights(tmp_path):
+    from biformer.segmentation import save_segmentor, semantic_fpn
+
+    model = semantic_fpn("biformer_tiny", num_classes=3, backbone_kwargs=TINY, fpn_channels=16, channels=8)
+    save_segmentor(tmp_path / "seg.safetensors", model, ["a", "b", "c"])
+    with pytest.raises(CheckpointMismatchError, match="whole segmentation model"):
+        BiFormerBackbone("biformer_tiny", pretrained=tmp_path / "seg.safetensors", **TINY)
+
+
 def test_refuses_a_checkpoint_of_another_model(tmp_path):
     classifier = timm.create_model("biformer_tiny", num_classes=0, **TINY)
     path = tmp_path / "tiny.safetensors"

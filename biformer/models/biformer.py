@@ -50,8 +50,10 @@ class BiFormerBlock(nn.Module):
         if self.cpe is not None:
             x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         x = x + self.drop_path(self.attn(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+        if torch.is_grad_enabled():
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        # inference: x is a buffer this block made, so the last residual can reuse it (no allocation)
+        return x.add_(self.drop_path(self.mlp(self.norm2(x))))
 
 
 def _conv_bn(in_chs: int, out_chs: int, kernel_size: int, stride: int, norm_first: bool = False) -> nn.Sequential:

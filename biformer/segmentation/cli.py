@@ -49,21 +49,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--data", required=True, help="ROOT with images/ and annotations/ (training, validation)")
     train.add_argument("--output", required=True, help="run folder: last.safetensors, last.train.pt, metrics.jsonl")
     train.add_argument("--model", choices=sorted(BUILDERS), default="upernet")
-    train.add_argument("--backbone", default="biformer_small")
+    train.add_argument("--backbone", default="biformer_small", help="biformer_tiny/small/base/stl")
     train.add_argument("--backbone-kwargs", default=None, help='extra BiFormer kwargs as JSON, e.g. \'{"depths": [1,1,2,1]}\'')
     train.add_argument("--model-kwargs", default=None, help='extra builder kwargs as JSON, e.g. \'{"channels": 128}\'')
     train.add_argument("--pretrained-backbone", default=None, help="ImageNet classification checkpoint (ours or original)")
-    train.add_argument("--n-win", type=int, default=8)
+    train.add_argument("--n-win", type=int, default=8, help="regions per side of the routed attention")
     train.add_argument("--drop-path", type=float, default=None, help="default: 0.3 (upernet), 0.15 (semantic_fpn)")
     _add_data_args(train)
-    train.add_argument("--crop-size", type=int, default=512)
+    train.add_argument("--crop-size", type=int, default=512, help="square training crops")
     train.add_argument("--steps", type=int, default=None, help="default: 160000 (upernet), 80000 (semantic_fpn)")
     train.add_argument("--batch-size", type=int, default=None, help="default: 16 (upernet), 32 (semantic_fpn)")
     train.add_argument("--lr", type=float, default=None, help="default: 6e-5 (upernet), 2e-4 (semantic_fpn)")
     train.add_argument("--weight-decay", type=float, default=None, help="default: 0.01 (upernet), 1e-4 (semantic_fpn)")
     train.add_argument("--warmup-steps", type=int, default=None, help="default: 1500 (upernet), 1000 (semantic_fpn)")
     train.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default 16000 / 8000)")
-    train.add_argument("--save-every", type=int, default=2000)
+    train.add_argument("--save-every", type=int, default=2000, help="write last.safetensors every N steps")
     train.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     _add_runtime(train)
     train.add_argument("--log-every", type=int, default=50)
@@ -91,7 +91,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=None,
                         help="default: the lines of ROOT/classes.txt, else 150 (ADE20K)")
     parser.add_argument("--no-reduce-zero-label", dest="reduce_zero_label", action="store_false",
-                        help="labels are already 0..K-1 (default: ADE20K's 0 = unlabelled, 1..K = classes)")
+                        help="take labels as 0..K-1 (255 ignored) rather than ADE20K's 0 = unlabelled, "
+                        "1..K = classes (reduce_zero_label=%(default)s unless given)")
     parser.add_argument("--scale", type=int, nargs=2, default=[2048, 512], metavar=("LONG", "SHORT"),
                         help="base rescale size (training samples 0.5-2x of it; evaluation uses it as is)")
 

@@ -21,15 +21,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ImageFolder root (DIR/<split>/<class>/...) or the root for --dataset; "
                              "omit both for the digits val split")
     parser.add_argument("--dataset", default=None, metavar="SPEC", help="timm dataset spec, or 'digits'")
-    parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
-    parser.add_argument("--model", default=None, help="expected model name; a checkpoint of another model is refused")
-    parser.add_argument("--img-size", type=int, default=None, help="override the checkpoint's input size")
-    parser.add_argument("--crop-pct", type=float, default=None, help="override the checkpoint's center-crop fraction")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per process per batch")
-    parser.add_argument("--num-workers", type=int, default=None, help="data loading processes (default: min(8, CPUs))")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--amp", default="none", choices=("auto", "none", "bf16", "fp16"), help="mixed precision")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--split", default="val", metavar="NAME", help="split to evaluate (default: val)")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="expected model name; a checkpoint of another model is refused")
+    parser.add_argument("--img-size", type=int, default=None, metavar="N",
+                        help="override the checkpoint's input size")
+    parser.add_argument("--crop-pct", type=float, default=None, metavar="X",
+                        help="override the checkpoint's center-crop fraction")
+    parser.add_argument("--batch-size", type=int, default=128, metavar="N",
+                        help="images per process per batch (default: 128)")
+    parser.add_argument("--num-workers", type=int, default=None, metavar="N",
+                        help="data loading processes (default: min(8, CPUs))")
+    parser.add_argument("--device", default="auto", metavar="DEVICE", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--amp", default="none", choices=("auto", "none", "bf16", "fp16"),
+                        help="mixed precision (default: none)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (top1, top5, loss, num_images, per_class...) instead of a table")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False, help="progress bar")
 
 

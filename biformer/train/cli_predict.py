@@ -13,11 +13,12 @@ import torch
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (searched recursively)")
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="our .safetensors or an original checkpoint")
-    parser.add_argument("--model", default=None, help="expected model name; a checkpoint of another model is refused")
-    parser.add_argument("--top-k", type=int, default=5, help="labels per image (default: 5)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="expected model name; a checkpoint of another model is refused")
+    parser.add_argument("--top-k", type=int, default=5, metavar="K", help="labels per image (default: 5)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default: 32)")
+    parser.add_argument("--device", default="auto", metavar="DEVICE", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (results and skipped files)")
 
 
 def find_images(inputs: List[str]) -> List[Path]:

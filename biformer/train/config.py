@@ -27,6 +27,7 @@ AMP_MODES = ("auto", "none", "bf16", "fp16")
 
 
 def _field(default: Any, help: str, group: str, **kwargs: Any) -> Any:
+    """A config field; ``help``, ``group``, ``choices`` and ``metavar`` shape its command-line flag."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=dict(help=help, group=group, **kwargs))
     return field(default=default, metadata=dict(help=help, group=group, **kwargs))
@@ -43,10 +44,10 @@ class TrainConfig:
     # ---- data
     data: Optional[str] = _field(
         None, "dataset root: an ImageFolder with train/ and val/ class folders, or the root passed to "
-        "--dataset; omit it to train on the bundled digits", "data")
+        "--dataset; omit it to train on the bundled digits", "data", metavar="DIR")
     dataset: Optional[str] = _field(
         None, "timm dataset spec (e.g. torch/cifar10, hfds/NAME) or 'digits'; default: a folder when "
-        "--data is given, else digits", "data")
+        "--data is given, else digits", "data", metavar="SPEC")
     train_split: str = _field("train", "training split (sub-folder name for an ImageFolder)", "data")
     val_split: str = _field("val", "validation split", "data")
     num_workers: Optional[int] = _field(None, "data loading processes per rank (default: min(8, CPUs))", "data")
@@ -57,14 +58,15 @@ class TrainConfig:
     std: Optional[Tuple[float, float, float]] = _field(None, "normalization std (default: ImageNet)", "data")
 
     # ---- model
-    model: str = _field("biformer_tiny", "timm model name", "model")
+    model: str = _field("biformer_tiny", "timm model name (biformer_tiny, _small, _base, _stl)", "model",
+                        metavar="NAME")
     model_kwargs: Dict[str, Any] = _field(
         {}, "extra model constructor kwargs as YAML/JSON, e.g. '{depths: [1,1,2,1], n_win: 2}'; stored "
         "in the checkpoint so it rebuilds", "model")
     drop_path: Optional[float] = _field(None, "stochastic depth rate (default: 0.1/0.15/0.4 for T/S/B)", "model")
     pretrained: Optional[str] = _field(
         None, "initial weights: our .safetensors or an original checkpoint (classifier dropped when the "
-        "class count differs)", "model")
+        "class count differs)", "model", metavar="CKPT")
     channels_last: bool = _field(False, "channels_last memory format", "model")
     grad_checkpointing: bool = _field(False, "activation checkpointing (less memory, more compute)", "model")
 
@@ -73,7 +75,7 @@ class TrainConfig:
     batch_size: int = _field(128, "images per process per step (global batch = this x processes x accum_steps)",
                              "optimization")
     accum_steps: int = _field(1, "gradient accumulation steps per optimizer update", "optimization")
-    opt: str = _field("adamw", "timm optimizer name", "optimization")
+    opt: str = _field("adamw", "timm optimizer name", "optimization", metavar="NAME")
     lr: Optional[float] = _field(None, "learning rate (default: lr_base x global batch / lr_base_size)",
                                  "optimization")
     lr_base: float = _field(5e-4, "learning rate at the reference batch lr_base_size", "optimization")
@@ -84,13 +86,15 @@ class TrainConfig:
     clip_grad: Optional[float] = _field(None, "gradient clipping threshold (off when unset)", "optimization")
     clip_mode: str = _field("norm", "gradient clipping mode: norm, value or agc", "optimization",
                             choices=("norm", "value", "agc"))
-    sched: str = _field("cosine", "timm scheduler name, stepped every update", "optimization")
+    sched: str = _field("cosine", "timm scheduler name, stepped every update", "optimization",
+                       metavar="NAME")
     warmup_epochs: float = _field(5, "linear warm-up epochs", "optimization")
     warmup_lr: float = _field(1e-6, "learning rate at the start of warm-up", "optimization")
     min_lr: float = _field(1e-5, "learning rate at the end of the schedule", "optimization")
 
     # ---- augmentation and regularization
-    aa: Optional[str] = _field("rand-m9-mstd0.5-inc1", "timm auto-augment policy (unset: none)", "augmentation")
+    aa: Optional[str] = _field("rand-m9-mstd0.5-inc1", "timm auto-augment policy ('none': off)", "augmentation",
+                               metavar="POLICY")
     scale: Tuple[float, float] = _field((0.08, 1.0), "random-resized-crop area range", "augmentation")
     ratio: Tuple[float, float] = _field((3 / 4, 4 / 3), "random-resized-crop aspect range", "augmentation")
     hflip: float = _field(0.5, "horizontal flip probability", "augmentation")
@@ -111,11 +115,13 @@ class TrainConfig:
     model_ema_decay: float = _field(0.99996, "EMA decay per update", "augmentation")
 
     # ---- runtime
-    device: str = _field("auto", "cpu, cuda, cuda:N or auto (the local GPU when there is one)", "runtime")
+    device: str = _field("auto", "cpu, cuda, cuda:N or auto (the local GPU when there is one)", "runtime",
+                         metavar="DEVICE")
     amp: str = _field("auto", "mixed precision: auto (bf16 on a GPU that has it, else fp16 on GPU, none on "
                       "CPU), none, bf16 or fp16", "runtime", choices=AMP_MODES)
     seed: int = _field(0, "random seed; with it every draw (order, augmentation, mixup) is reproducible", "runtime")
-    output: Optional[str] = _field(None, "run directory (default: runs/<preset>-<model>-<time>)", "runtime")
+    output: Optional[str] = _field(None, "run directory (default: runs/<preset>-<model>-<time>)", "runtime",
+                                    metavar="DIR")
     save_every: int = _field(0, "also checkpoint every N optimizer updates (0: only at the end of each epoch)",
                              "runtime")
     log_interval: int = _field(50, "updates between loss log lines (steps.csv, TensorBoard)", "runtime")
@@ -329,10 +335,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: Iterable[str] = 
         flag = "--" + f.name.replace("_", "-")
         tp, _ = _strip_optional(_TYPES[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f"{f.metadata['help']} [imagenet: {default!r}]"
         digits_default = PRESETS[DIGITS].get(f.name, default)
+        # where the presets differ, show both; a None default is explained by the help text itself
         if digits_default != default:
-            help_ = help_[:-1] + f", digits: {digits_default!r}]"
+            none = "none" if f.name in _NONE_MEANS_OFF else "auto"
+            help_ = (f"{f.metadata['help']} [imagenet: {_show(default, none)}, "
+                     f"digits: {_show(digits_default, none)}]")
+        elif default is not None:
+            help_ = f"{f.metadata['help']} [default: {_show(default)}]"
+        else:
+            help_ = f.metadata["help"]
         kwargs: Dict[str, Any] = dict(default=argparse.SUPPRESS, help=help_.replace("%", "%%"), dest=f.name)
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
@@ -341,7 +353,27 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: Iterable[str] = 
         elif typing.get_origin(tp) is tuple:
             group.add_argument(flag, nargs=len(typing.get_args(tp)), metavar="X", **kwargs)
         else:
-            group.add_argument(flag, metavar=_metavar(tp), **kwargs)
+            metavar = f.metadata.get("metavar") or (None if "choices" in f.metadata else _metavar(tp))
+            group.add_argument(flag, metavar=metavar, **kwargs)
+
+
+# Options whose None turns a feature off; for the others None means "derived" (see their help).
+_NONE_MEANS_OFF = frozenset({"aa", "clip_grad", "pretrained"})
+
+
+def _show(value: Any, none: str = "none") -> str:
+    """A default as one would type it on the command line."""
+    if value is None:
+        return none
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (tuple, list)):
+        return " ".join(_show(v) for v in value)
+    if isinstance(value, dict):
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return str(value)
 
 
 def _metavar(tp: Any) -> str:
