@@ -136,7 +136,11 @@ def _mb(nbytes: Optional[float]) -> str:
 
 def _status(entries: Sequence[Dict[str, Any]]) -> str:
     bad = [e for e in entries if e.get("status") != "ok"]
-    return "ok" if not bad else f"{bad[0]['status']}: {bad[0].get('reason', '')}"
+    if not bad:
+        return "ok"
+    reason = str(bad[0].get("reason", "")).strip().splitlines()
+    first = reason[0] if reason else ""
+    return f"{bad[0]['status']}: {first[:150]}{'...' if len(first) > 150 or len(reason) > 1 else ''}"  # full text in the JSON
 
 
 def _fmt(value: Optional[float], unit: str) -> str:
