@@ -81,6 +81,15 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only way to read it; done once, at import, before any threads
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write(path: PathLike, write: Any) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``, so no half-written file is ever visible."""
     path = Path(path)
@@ -89,6 +98,7 @@ def atomic_write(path: PathLike, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -136,3 +136,27 @@ def test_a_pickle_that_would_run_code_is_refused_and_not_run(tmp_path: Path) -> 
     with pytest.raises(Exception):
         timm.create_model("biformer_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "evil.pth")))
     assert not marker.exists()
+
+
+def test_atomic_write_gives_the_usual_permissions_and_no_leftovers(tmp_path) -> None:
+    import os
+    import stat
+
+    from biformer.checkpoint import atomic_write
+
+    target = tmp_path / "out.bin"
+    atomic_write(target, lambda tmp: open(tmp, "wb").write(b"data"))
+    assert target.read_bytes() == b"data"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+    def fail(tmp: str) -> None:
+        open(tmp, "wb").write(b"half")
+        raise RuntimeError("killed while writing")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, fail)
+    assert target.read_bytes() == b"data"  # the old file stays whole
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]

@@ -131,6 +131,21 @@ def test_config_precedence_presets_and_recipe(tmp_path: Path) -> None:
         build_config({"data": "x", "batch_size": 5})
 
 
+def test_shipped_configs_state_the_presets() -> None:
+    """configs/train/*.yaml load, and spell out the presets: digits.yaml is the default run,
+    imagenet_biformer_{tiny,small,base}.yaml the paper's recipe with the model's drop path."""
+    from biformer.train.config import to_dict
+
+    files = {p.stem: str(p) for p in (REPO / "configs" / "train").glob("*.yaml")}
+    assert {"digits", "imagenet_biformer_tiny", "imagenet_biformer_small", "imagenet_biformer_base"} <= set(files)
+    digits = to_dict(build_config({}, files["digits"]))
+    assert digits == {**to_dict(build_config({})), "dataset": "digits"}
+    for size, rate in (("tiny", 0.1), ("small", 0.15), ("base", 0.4)):
+        cfg = to_dict(build_config({"data": "x"}, files[f"imagenet_biformer_{size}"]))
+        paper = to_dict(build_config({"data": "x", "model": f"biformer_{size}", "drop_path": rate}))
+        assert cfg == paper, size
+
+
 def _write(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
@@ -349,17 +364,60 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     assert loss_one[0] != loss_one[1]
     w_one, w_two = load_file(one / "last.safetensors"), load_file(two / "last.safetensors")
     for key in w_one:
-        if "running" not in key and "num_batches" not in key:  # BN statistics: averaged over ranks, not the 1-process ones
+        if "running" not in key and "num_batches" not in key:  # BN statistics: averaged over ranks instead
             torch.testing.assert_close(w_two[key], w_one[key], rtol=1e-4, atol=1e-5, msg=key)
 
     final = read_rows(two / "metrics.csv")[-1]
-    code, stdout, err = run_cli(["eval", "--checkpoint", str(two / "last.safetensors"), "--data", str(data),
-                                 "--num-workers", "0", "--json"], capsys)
+    eval_argv = ["eval", "--checkpoint", str(two / "last.safetensors"), "--data", str(data), "--num-workers", "0",
+                 "--batch-size", "3", "--json"]
+    code, stdout, err = run_cli(eval_argv, capsys)
     assert code == 0, err
     report = json.loads(stdout)
     assert int(final["val_images"]) == report["num_images"] == 7
     assert float(final["val_top1"]) == pytest.approx(report["top1"], abs=1e-3)
     assert float(final["val_loss"]) == pytest.approx(report["loss"], rel=1e-4)
+
+    # `biformer eval` under torchrun: shards of 4 and 3 images, the same figures as one process
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "biformer", *eval_argv], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads(proc.stdout)  # only rank 0 prints
+    assert sharded["num_images"] == 7 and sharded["per_class"] == report["per_class"]
+    assert sharded["top1"] == report["top1"] and sharded["top5"] == report["top5"]
+    assert sharded["loss"] == pytest.approx(report["loss"], rel=1e-5)
+
+
+def test_eval_and_predict_accept_an_original_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint in the original repository's format (``{"model": state_dict}``, 1000 classes,
+    no metadata) evaluates on a folder and predicts ImageNet labels, with timm's default
+    preprocessing for the model; asking for another model is refused, naming both."""
+    from .conftest import original_state_dict
+
+    data = make_folder(tmp_path / "data", train_per_class=1, val_per_class=1)
+    ckpt = tmp_path / "biformer_tiny_original.pth"
+    torch.save({"model": original_state_dict("tiny")}, ckpt)
+    code, stdout, err = run_cli(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--num-workers", "0",
+                                 "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["model"] == "biformer_tiny" and report["num_images"] == 3
+    assert set(report["per_class"]) == set(CLASSES)  # the folder's classes name labels 0..2
+    assert 0.0 <= report["top1"] <= report["top5"] <= 100.0 and report["loss"] > 0
+
+    code, stdout, err = run_cli(["predict", str(data / "val" / CLASSES[0] / "0.jpg"), "--checkpoint", str(ckpt),
+                                 "--top-k", "3", "--json"], capsys)
+    assert code == 0, err
+    preds = json.loads(stdout)["results"][0]["predictions"]
+    from timm.data import ImageNetInfo
+
+    descriptions = ImageNetInfo().label_descriptions()
+    assert [p["label"] for p in preds] == [descriptions[p["index"]] for p in preds]
+    assert sum(p["probability"] for p in preds) <= 1.0 + 1e-6
+
+    code, _, err = run_cli(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--model", "biformer_small"],
+                           capsys)
+    assert code == 1 and "holds a biformer_tiny checkpoint" in err and "biformer_small" in err
 
 
 # ---- the README's main job ---------------------------------------------------------------------

@@ -12,7 +12,8 @@ import torch
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (searched recursively)")
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="our .safetensors or an original checkpoint")
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
+                        help="our .safetensors or an original checkpoint")
     parser.add_argument("--model", default=None, metavar="NAME",
                         help="expected model name; a checkpoint of another model is refused")
     parser.add_argument("--top-k", type=int, default=5, metavar="K", help="labels per image (default: 5)")

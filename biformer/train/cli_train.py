@@ -22,11 +22,15 @@ from .config import (
 RESUME_OVERRIDES = frozenset({"data", "device", "num_workers", "progress", "tensorboard", "log_interval", "save_every"})
 
 EXAMPLES = """examples:
-  biformer train --output runs/digits                 # the bundled digits, a few minutes on a CPU
-  biformer train --data /data/imagenet --output runs/tiny   # the paper's ImageNet recipe (BiFormer-T)
-  biformer train --config configs/imagenet_biformer_small.yaml
+  biformer train --output runs/digits            # the bundled digits: about a minute on a 2-core CPU
+  biformer train --data /data/imagenet --output runs/tiny      # the paper's ImageNet recipe, BiFormer-T
+  biformer train --config configs/train/imagenet_biformer_small.yaml --data /data/imagenet
   torchrun --standalone --nproc_per_node 8 -m biformer train --data /data/imagenet --output runs/tiny
-  biformer train --resume runs/tiny                   # continue a stopped run
+  biformer train --resume runs/tiny              # continue a stopped run where it stopped
+
+Precedence: preset < --config YAML < flags. Every flag is also a YAML key (--batch-size: batch_size).
+Outputs in --output: config.yaml, best/last.safetensors, state.pt, metrics.csv, steps.csv, tb/, curves.png.
+See docs/training.md.
 """
 
 

@@ -246,7 +246,13 @@ class Trainer:
         self.model = model
         self.ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
         if runtime.distributed:
+            import warnings
+
             from torch.nn.parallel import DistributedDataParallel
+
+            # CPU depthwise-conv grads come back with another stride on their size-1 dim (same memory
+            # layout); DDP warns about it once per process, to no purpose.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
             self.train_model: nn.Module = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -268,6 +274,10 @@ class Trainer:
 
         # optimization
         self.lr = resolved_lr(cfg, runtime.world_size)
+        if self.lr < cfg.min_lr:
+            # linear scaling at a small global batch can fall under the recipe's floor
+            log(f"warning: lr {self.lr:.3g} is below min_lr {cfg.min_lr:.3g}, so the schedule rises instead of "
+                "decaying; lower --min-lr or raise --lr", runtime)
         self.optimizer = create_optimizer_v2(
             model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, eps=cfg.opt_eps)
         self.steps_per_epoch = self.sampler.steps_per_epoch

@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from ..models.biformer import CheckpointMismatchError
+
 
 @dataclass
 class LoadedCheckpoint:
@@ -45,7 +47,11 @@ def load_checkpoint(path: str, model_name: Optional[str] = None, device: torch.d
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
-    model, info = load_model(path, model_name)
+    try:
+        model, info = load_model(path, model_name)
+    except CheckpointMismatchError:
+        _refuse_other_original_variant(path, model_name)
+        raise
     metadata = read_metadata(path)
     overrides: Dict[str, Any] = {}
     if img_size is not None:
@@ -56,6 +62,21 @@ def load_checkpoint(path: str, model_name: Optional[str] = None, device: torch.d
     names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
     model.eval().to(device)
     return LoadedCheckpoint(model, info["model_name"], data_cfg, names, metadata)
+
+
+def _refuse_other_original_variant(path: str, model_name: Optional[str]) -> None:
+    """An original-format checkpoint names no model: tell which variant it is, if it is one."""
+    from ..checkpoint import FORMAT, infer_original_variant, read_state_dict
+
+    if model_name is None or read_metadata(path).get("format") == FORMAT:
+        return  # our format names its model, and load_model's error says both already
+    try:
+        variant = infer_original_variant(read_state_dict(path)[0])
+    except CheckpointMismatchError:
+        return
+    if variant != model_name:
+        raise CheckpointMismatchError(
+            f"{path!r} holds a {variant} checkpoint (original format), but model {model_name} was asked for")
 
 
 def display_names(ckpt: LoadedCheckpoint) -> List[str]:

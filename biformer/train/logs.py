@@ -110,7 +110,7 @@ def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
 
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train")
+    ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train (with smoothing/mixup)")
     ax_loss.plot(epochs, [row["val_loss"] for row in history], label="val")
     ax_acc.plot(epochs, [row["val_top1"] for row in history], label="val top-1")
     if any("ema_val_top1" in row for row in history):
@@ -119,7 +119,10 @@ def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
     ax_acc.plot(epochs, [row["val_top5"] for row in history], label="val top-5", alpha=0.5)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
