@@ -331,7 +331,8 @@ def _layer_panel(ax: Any, layers: List[Dict[str, Any]], mode: str, value: Callab
                 xs.append(j + (i - (len(names) - 1) / 2) * width)
                 ys.append(v)
                 hatched.append(est)
-        bars = ax.bar(xs, ys, width, label=name, color=cmap(i % 10))
+        color = "tab:red" if name == ORIGINAL else cmap([0, 1, 2, 4, 5, 6, 7, 8, 9][i % 9])  # red: the original only
+        bars = ax.bar(xs, ys, width, label=name, color=color)
         for bar, est in zip(bars, hatched):
             if est:
                 bar.set_hatch("//")
