@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -306,6 +306,22 @@ class LRSchedule:
         return factor
 
 
+def logged_evaluation(
+    evaluate: Callable[[], Dict[str, Any]], out_dir: Path, describe: Callable[[Dict[str, Any]], str],
+    log: Callable[[str], None] = print,
+) -> Callable[[int], Dict[str, Any]]:
+    """``evaluate()`` as a :class:`TrainLoop` hook that also logs and appends to ``out_dir/metrics.jsonl``."""
+
+    def hook(step: int) -> Dict[str, Any]:
+        metrics = evaluate()
+        log(f"eval at step {step}: {describe(metrics)}")
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        return metrics
+
+    return hook
+
+
 @dataclass
 class TrainLoop:
     """Steps an optimizer over a stream of batches; logs, checkpoints, evaluates and resumes.
@@ -359,6 +375,20 @@ class TrainLoop:
         if self.save is not None:
             self.save(self.step)
             self._write_state()
+
+    def run_from(self, loader: Iterable[Any], resume: bool) -> List[Dict[str, float]]:
+        """Optionally resume (it is an error when there is nothing to resume), then :meth:`run` over
+        ``loader``, restarting it as often as the schedule needs."""
+        if resume:
+            if not self.resume():
+                raise FileNotFoundError(f"--resume: no optimizer state at {str(self.state_path)!r}")
+            self.log(f"resumed at step {self.step}")
+
+        def batches() -> Iterator[Any]:
+            while True:
+                yield from loader
+
+        return self.run(batches())
 
     def run(self, batches: Iterator[Any], until: Optional[int] = None) -> List[Dict[str, float]]:
         """Train until step ``until`` (default: ``schedule.total_steps``), then save; evaluate when the

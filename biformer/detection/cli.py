@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Dict
 
 import torch
 
-from ..backbone import SAMPLE_IMAGES, LRSchedule, TrainLoop, build_optimizer, load_image, resolve_device
+from ..backbone import (SAMPLE_IMAGES, LRSchedule, TrainLoop, build_optimizer, load_image, logged_evaluation,
+                        resolve_device)
 from .data import CocoDetection, collate
 from .engine import COCO_METRICS, detection_losses, draw_detections, evaluate_coco
 from .models import BUILDERS, load_detector, save_detector
@@ -90,11 +91,6 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _batches(loader: Any) -> Iterator[Any]:
-    while True:
-        yield from loader
-
-
 def _format(metrics: Dict[str, float]) -> str:
     lines = []
     for kind in ("bbox", "segm"):
@@ -148,13 +144,6 @@ def _train(args: argparse.Namespace) -> int:
     names = train_set.class_names
     out.mkdir(parents=True, exist_ok=True)
 
-    def evaluate(step: int) -> Dict[str, float]:
-        metrics = evaluate_coco(model, val_set, device)
-        print(f"eval at step {step}:\n{_format(metrics)}")
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        return metrics
-
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"{builder} with {args.backbone if not args.resume else info['kwargs'].get('backbone')} ({params:.1f}M params), "
           f"{len(train_set)} training images, {len(names)} classes, {total} steps on {device}")
@@ -162,16 +151,13 @@ def _train(args: argparse.Namespace) -> int:
         model, optimizer, schedule, detection_losses(model, device),
         state_path=state,
         save=lambda step: save_detector(last, model, names),
-        evaluate=evaluate if val_set is not None else None,
+        evaluate=(logged_evaluation(lambda: evaluate_coco(model, val_set, device), out, lambda m: "\n" + _format(m))
+                  if val_set is not None else None),
         log_every=args.log_every,
         save_every=max(1, round(per_epoch)),
         eval_every=max(1, round(per_epoch)),
     )
-    if args.resume:
-        if not loop.resume():
-            raise FileNotFoundError(f"--resume: no optimizer state at {str(state)!r}")
-        print(f"resumed at step {loop.step}")
-    loop.run(_batches(loader))
+    loop.run_from(loader, resume=bool(args.resume))
     print(f"saved {last}")
     return 0
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Dict
 
 import torch
 import torch.nn.functional as F
 
-from ..backbone import SAMPLE_IMAGES, LRSchedule, TrainLoop, build_optimizer, load_image, resolve_device
+from ..backbone import (SAMPLE_IMAGES, LRSchedule, TrainLoop, build_optimizer, load_image, logged_evaluation,
+                        resolve_device)
 from .data import SegmentationFolder, class_names_for, rescale_size
 from .engine import evaluate_miou, overlay, segmentation_losses
 from .models import BUILDERS, load_segmentor, save_segmentor
@@ -103,11 +104,6 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _batches(loader: Any) -> Iterator[Any]:
-    while True:
-        yield from loader
-
-
 def _format(metrics: Dict[str, Any]) -> str:
     return "  ".join(f"{k} {100 * metrics[k]:.2f}" for k in ("mIoU", "mAcc", "aAcc"))
 
@@ -160,13 +156,6 @@ def _train(args: argparse.Namespace) -> int:
     optimizer = build_optimizer(model, recipe["lr"], recipe["weight_decay"])
     out.mkdir(parents=True, exist_ok=True)
 
-    def evaluate(step: int) -> Dict[str, Any]:
-        metrics = evaluate_miou(model, val_set, len(names), device, names)
-        print(f"eval at step {step}: {_format(metrics)}")
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        return metrics
-
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"{builder} ({params:.1f}M params), {len(train_set)} training images, {len(names)} classes, "
           f"{total} steps of {recipe['batch_size']} on {device}")
@@ -174,16 +163,13 @@ def _train(args: argparse.Namespace) -> int:
         model, optimizer, schedule, segmentation_losses(model, device),
         state_path=state,
         save=lambda step: save_segmentor(last, model, names),
-        evaluate=evaluate if val_set is not None else None,
+        evaluate=(logged_evaluation(lambda: evaluate_miou(model, val_set, len(names), device, names), out, _format)
+                  if val_set is not None else None),
         log_every=args.log_every,
         save_every=args.save_every,
         eval_every=recipe["eval_every"],
     )
-    if args.resume:
-        if not loop.resume():
-            raise FileNotFoundError(f"--resume: no optimizer state at {str(state)!r}")
-        print(f"resumed at step {loop.step}")
-    loop.run(_batches(loader))
+    loop.run_from(loader, resume=bool(args.resume))
     print(f"saved {last}")
     return 0
 
