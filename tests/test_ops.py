@@ -215,3 +215,35 @@ def test_compiles_fullgraph_without_recompiling() -> None:
     torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
     compiled(*_maps(2, 13, 10, 8, 8, seed=5))
     assert len(graphs) == 1
+
+
+LOW_PRECISION_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
+LOW_PRECISION_CASES = [("cpu", torch.bfloat16)] + [
+    pytest.param("cuda", dtype, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))
+    for dtype in (torch.bfloat16, torch.float16)
+]
+
+
+@pytest.mark.parametrize("device, dtype", LOW_PRECISION_CASES)
+@pytest.mark.parametrize("backend", available_backends())
+def test_low_precision_backends_match_reference(device: str, dtype: torch.dtype, backend: str) -> None:
+    """Same inputs and dtype for both, so both route identically (routing is shared code); only the
+    attention arithmetic differs. Gradients too, where the backend has a backward on this device."""
+    if backend == "flex" and device == "cpu":
+        pytest.skip("flex on the CPU is compile-only and float32-tested in test_flex.py")
+    q, k, v = (t.to(device, dtype) for t in _maps(2, 13, 15, 16, 16, seed=5))
+    kwargs = dict(num_heads=2, topk=3, n_win=4)
+    tol = LOW_PRECISION_TOLERANCE[dtype]
+
+    def run(name: str):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = bi_level_routing_attention(*inputs, backend=name, **kwargs)
+        out.float().square().sum().backward()
+        return out, [t.grad for t in inputs]
+
+    want, want_grads = run("reference")
+    got, got_grads = run(backend)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g.float(), w.float(), atol=4 * tol, rtol=4 * tol)
