@@ -169,6 +169,21 @@ def test_export_with_dynamic_batch() -> None:
         torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_export_with_dynamic_height_and_width() -> None:
+    """Dynamic H, W in steps of 112 (every stage map a multiple of n_win=7, regions of 2+ tokens)."""
+    from torch.export import Dim, export
+
+    torch.manual_seed(0)
+    model = timm.create_model("biformer_tiny", depths=(1, 1, 1, 1), num_classes=10).eval()
+    h, w = Dim("h", min=2, max=16), Dim("w", min=2, max=16)
+    program = export(model, (torch.randn(2, 3, 224, 336),),
+                     dynamic_shapes={"x": {0: Dim("batch", min=2, max=64), 2: 112 * h, 3: 112 * w}})
+    for shape in [(2, 3, 224, 224), (3, 3, 336, 448), (2, 3, 448, 224)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_model_rejects_bad_input() -> None:
     model = timm.create_model("biformer_tiny", depths=(1, 1, 1, 1)).eval()
     for bad in (torch.randn(1, 4, 64, 64), torch.randn(3, 64, 64), torch.randn(1, 3, 0, 64)):
