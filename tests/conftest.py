@@ -17,8 +17,8 @@ REFERENCE = REPO.parent / "shared" / "reference"
 
 def reference_file(name: str) -> Path:
     path = REFERENCE / name
-    if not path.exists():
-        pytest.skip(f"reference data {path} is not present (expected ../shared/reference beside the repo)")
+    if not path.exists():  # fail, never skip: parity with the original must not silently drop out
+        pytest.fail(f"reference data {path} is missing; the tests expect ../shared/reference beside the repo")
     return path
 
 

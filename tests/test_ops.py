@@ -218,19 +218,18 @@ def test_compiles_fullgraph_without_recompiling() -> None:
 
 
 LOW_PRECISION_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
-LOW_PRECISION_CASES = [("cpu", torch.bfloat16)] + [
-    pytest.param("cuda", dtype, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))
-    for dtype in (torch.bfloat16, torch.float16)
+_NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+# flex on the CPU has no backward and is float32-tested in test_flex.py
+LOW_PRECISION_CASES = [("cpu", torch.bfloat16, b) for b in CPU_BACKENDS] + [
+    pytest.param("cuda", dtype, b, marks=_NEEDS_GPU)
+    for dtype in (torch.bfloat16, torch.float16) for b in available_backends()
 ]
 
 
-@pytest.mark.parametrize("device, dtype", LOW_PRECISION_CASES)
-@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("device, dtype, backend", LOW_PRECISION_CASES)
 def test_low_precision_backends_match_reference(device: str, dtype: torch.dtype, backend: str) -> None:
     """Same inputs and dtype for both, so both route identically (routing is shared code); only the
-    attention arithmetic differs. Gradients too, where the backend has a backward on this device."""
-    if backend == "flex" and device == "cpu":
-        pytest.skip("flex on the CPU is compile-only and float32-tested in test_flex.py")
+    attention arithmetic differs. Gradients too."""
     q, k, v = (t.to(device, dtype) for t in _maps(2, 13, 15, 16, 16, seed=5))
     kwargs = dict(num_heads=2, topk=3, n_win=4)
     tol = LOW_PRECISION_TOLERANCE[dtype]
