@@ -58,8 +58,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog=f"biformer {name}", description=help_)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
+    from .errors import UserError
+
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except UserError as e:  # bad input: one line; anything else keeps its traceback
+        print(f"biformer {name}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:  # legacy: being narrowed to UserError
         print(f"biformer {name}: error: {e}", file=sys.stderr)
         return 1
