@@ -11,11 +11,14 @@ Our files are safetensors whose metadata names the model and the kwargs that reb
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -23,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .errors import UserError, UserValueError
 from .models.biformer import (
     MODEL_ARGS,
     CheckpointMismatchError,
@@ -36,8 +40,29 @@ FORMAT = "biformer"
 _PREPROCESS_KEYS = ("input_size", "crop_pct", "interpolation", "mean", "std", "num_classes")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be read (missing, truncated, not a checkpoint, or unsafe)."""
+class CheckpointError(UserValueError):
+    """A checkpoint file cannot be read (missing, truncated, not a checkpoint, unsafe, or its
+    metadata is malformed or asks for something we do not build)."""
+
+
+class DiskFullError(UserError):
+    """A file could not be written because its file system is full; the previous file is kept."""
+
+
+# Sentences of torch's load errors that must never reach a user: they suggest weights_only=False,
+# which runs whatever code the pickle holds.
+_UNSAFE_HINTS = re.compile(r"weights_only.{0,20}False|re-running|in pytorch 2\.6|please file an issue|"
+                           r"check the documentation|trusted source", re.IGNORECASE)
+
+
+def describe_load_error(error: BaseException) -> str:
+    """One line from a ``torch.load`` error: the cause, without torch's advice to unpickle unsafely."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:  # the specific cause follows this marker
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    sentences = re.split(r"(?<=[.!?])\s+|\n+", text)
+    kept = " ".join(s.strip() for s in sentences if s.strip() and not _UNSAFE_HINTS.search(s))
+    return f"{type(error).__name__}: {kept or 'not a readable checkpoint'}"
 
 
 def read_state_dict(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
@@ -60,9 +85,8 @@ def read_state_dict(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
         raise CheckpointError(
-            f"refusing or unable to load {str(path)!r} with weights_only=True: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}. Only plain tensor checkpoints are accepted; "
-            "a pickle that needs arbitrary code is never executed."
+            f"refusing or unable to load {str(path)!r} with weights_only=True ({describe_load_error(e)}); "
+            "only plain tensor checkpoints are accepted, and a pickle that needs code is never executed"
         ) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(obj).__name__}, expected a state_dict")
@@ -90,19 +114,59 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def atomic_write(path: PathLike, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``, so no half-written file is ever visible."""
+TEMP_SUFFIX = ".tmp"
+# Below this many free bytes, a failed write is taken for a full disk: torch.save reports ENOSPC
+# as "RuntimeError: [enforce fail at inline_container.cc] unexpected pos", without the errno.
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def temporary_name_pattern(name: str) -> "re.Pattern[str]":
+    """The names :func:`atomic_write` gives its temporaries for a file called ``name``."""
+    return re.compile(re.escape(f".{name}.") + r"[A-Za-z0-9_]+" + re.escape(TEMP_SUFFIX))
+
+
+def free_bytes(folder: PathLike) -> Optional[int]:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def is_disk_full(error: BaseException, folder: PathLike) -> bool:
+    """Whether ``error`` (raised while writing into ``folder``) means the file system is full."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    free = free_bytes(folder)
+    return free is not None and free < _NEARLY_FULL_BYTES
+
+
+def atomic_write(path: PathLike, write: Callable[[str], Any]) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``, so no half-written file is ever visible
+    and the previous ``path`` stays whole until the new one is complete. A full disk raises
+    :class:`DiskFullError`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the usual permissions
         os.replace(tmp, path)
+    except Exception as e:
+        if is_disk_full(e, path.parent):  # checked before the partial file is removed, which frees space
+            previous = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
+            raise DiskFullError(f"no space left on device in {str(path.parent)!r} while writing {path.name} "
+                                f"({type(e).__name__}: {_first_line(e)}); {previous}") from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else ""
 
 
 def preprocess_config(model: nn.Module) -> Dict[str, Any]:
@@ -151,6 +215,159 @@ def _num_classes(state_dict: Dict[str, Tensor]) -> int:
     return int(head.shape[0]) if head is not None else 0
 
 
+# ---- checking what a file's metadata asks us to build ------------------------------------------
+
+# A file's metadata chooses the model and its constructor arguments, so it is checked like any
+# user input: only our variants, only these kwargs, each within a range that builds a sane model.
+_MAX_PARAMS = 2_000_000_000  # 8 GB of fp32 weights
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _int_in(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda v: _is_int(v) and low <= v <= high
+
+
+def _float_in(low: float, high: float, high_open: bool = False) -> Callable[[Any], bool]:
+    return lambda v: _is_number(v) and low <= v and (v < high if high_open else v <= high)
+
+
+def _per_stage_of(check: Callable[[Any], bool], allow_none: bool = False) -> Callable[[Any], bool]:
+    def ok(v: Any) -> bool:
+        items = v if isinstance(v, (list, tuple)) else [v]
+        return len(items) in (1, 4) and all((allow_none and x is None) or check(x) for x in items)
+    return ok
+
+
+def _one_of(*choices: Any) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, str) and v in choices
+
+
+def _backend_name(v: Any) -> bool:
+    from .ops.bra import available_backends
+
+    return isinstance(v, str) and v in ("auto", *available_backends())
+
+
+# kwarg -> (check, what is expected)
+MODEL_KWARG_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "num_classes": (_int_in(0, 100_000), "an integer in 0..100000"),
+    "in_chans": (_int_in(1, 64), "an integer in 1..64"),
+    "global_pool": (_one_of("avg", ""), "'avg' or ''"),
+    "depths": (_per_stage_of(_int_in(0, 64)), "1 or 4 integers in 0..64"),
+    "embed_dims": (_per_stage_of(_int_in(1, 4096)), "1 or 4 integers in 1..4096"),
+    "qk_dims": (lambda v: v is None or _per_stage_of(_int_in(1, 4096))(v), "null or 1 or 4 integers in 1..4096"),
+    "head_dim": (_int_in(1, 4096), "an integer in 1..4096"),
+    "topks": (_per_stage_of(_int_in(1, 4096), allow_none=True), "1 or 4 integers in 1..4096 or null"),
+    "n_win": (_int_in(1, 64), "an integer in 1..64"),
+    "region_size": (lambda v: v is None or _int_in(1, 1024)(v), "null or an integer in 1..1024"),
+    "mlp_ratios": (_per_stage_of(_float_in(0.0, 16.0)), "1 or 4 numbers in 0..16"),
+    "side_dwconv": (_int_in(0, 31), "an integer in 0..31"),
+    "cpe_kernel": (_int_in(0, 31), "an integer in 0..31"),
+    "stem": (_one_of("conv", "patch"), "'conv' or 'patch'"),
+    "downsample": (_one_of("conv", "merge"), "'conv' or 'merge'"),
+    "norm_eps": (_float_in(0.0, 1.0, high_open=True), "a number in [0, 1)"),
+    "drop_rate": (_float_in(0.0, 1.0, high_open=True), "a number in [0, 1)"),
+    "drop_path_rate": (_float_in(0.0, 1.0, high_open=True), "a number in [0, 1)"),
+    "bra_backend": (_backend_name, "'auto' or a backend of biformer.ops.available_backends()"),
+}
+
+_PRETRAINED_CFG_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "input_size": (lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(_int_in(1, 8192)(x) for x in v),
+                   "3 integers in 1..8192 (C, H, W)"),
+    "crop_pct": (_float_in(0.01, 2.0), "a number in 0.01..2"),
+    "interpolation": (_one_of("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming", "random"),
+                      "a PIL interpolation name such as 'bicubic'"),
+    "mean": (lambda v: isinstance(v, (list, tuple)) and len(v) in (1, 3) and all(_float_in(-10, 10)(x) for x in v),
+             "1 or 3 numbers"),
+    "std": (lambda v: isinstance(v, (list, tuple)) and len(v) in (1, 3) and all(_float_in(1e-6, 100)(x) for x in v),
+            "1 or 3 positive numbers"),
+    "num_classes": (_int_in(0, 100_000), "an integer in 0..100000"),
+}
+
+
+def _json_field(path: PathLike, metadata: Dict[str, str], name: str, default: Any) -> Any:
+    """``metadata[name]`` parsed as JSON; malformed JSON is a :class:`CheckpointError` naming the file."""
+    if name not in metadata:
+        return default
+    try:
+        return json.loads(metadata[name])
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{str(path)!r}: metadata field {name!r} is not valid JSON ({e})") from e
+
+
+def _estimated_params(kwargs: Dict[str, Any], base: Dict[str, Any]) -> float:
+    """A rough parameter count (attention + MLP per block, and the classifier), to refuse a
+    model too large to build before allocating it."""
+    merged = {**base, **kwargs}
+
+    def stages(name: str, default: Any) -> List[float]:
+        v = merged.get(name, default)
+        items = list(v) if isinstance(v, (list, tuple)) else [v] * 4
+        return [float(x) for x in (items * 4 if len(items) == 1 else items)]
+
+    depths, dims = stages("depths", (2, 2, 8, 2)), stages("embed_dims", (64, 128, 256, 512))
+    ratios = stages("mlp_ratios", 3.0)
+    blocks = sum(d * (4 + 2 * r) * c * c for d, c, r in zip(depths, dims, ratios))
+    return blocks + float(merged.get("num_classes", 1000)) * dims[-1]
+
+
+def validate_metadata(path: PathLike, metadata: Dict[str, str]) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
+    """``(model_name, model_kwargs, pretrained_cfg)`` from our file's metadata, each checked: only a
+    registered BiFormer variant, only known kwargs within sane ranges, no paths or pretrained
+    loading. Anything else is a :class:`CheckpointError` naming the field."""
+    where = str(path)
+    model_name = metadata.get("model_name")
+    if not isinstance(model_name, str) or not model_name:
+        raise CheckpointError(f"{where!r}: metadata has no 'model_name'; expected one of {sorted(MODEL_ARGS)}")
+    if model_name not in MODEL_ARGS:
+        raise CheckpointError(f"{where!r}: metadata field 'model_name' is {model_name[:100]!r}, "
+                              f"expected one of {sorted(MODEL_ARGS)}")
+    kwargs = _json_field(path, metadata, "model_kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{where!r}: metadata field 'model_kwargs' is a {type(kwargs).__name__}, expected "
+                              "a JSON object")
+    for key, value in kwargs.items():
+        if key not in MODEL_KWARG_RULES:
+            raise CheckpointError(f"{where!r}: metadata field 'model_kwargs.{key[:100]}' is not accepted; "
+                                  f"expected only {sorted(MODEL_KWARG_RULES)}")
+        check, expected = MODEL_KWARG_RULES[key]
+        if not check(value):
+            raise CheckpointError(f"{where!r}: metadata field 'model_kwargs.{key}' is {str(value)[:100]}, "
+                                  f"expected {expected}")
+    params = _estimated_params(kwargs, MODEL_ARGS[model_name])
+    if params > _MAX_PARAMS:
+        raise CheckpointError(f"{where!r}: metadata field 'model_kwargs' describes a model of about "
+                              f"{params:.3g} parameters, expected at most {_MAX_PARAMS:.0e}")
+    pretrained_cfg = _json_field(path, metadata, "pretrained_cfg", {})
+    if not isinstance(pretrained_cfg, dict):
+        raise CheckpointError(f"{where!r}: metadata field 'pretrained_cfg' is a {type(pretrained_cfg).__name__}, "
+                              "expected a JSON object")
+    for key, value in pretrained_cfg.items():
+        if key not in _PRETRAINED_CFG_RULES:
+            raise CheckpointError(f"{where!r}: metadata field 'pretrained_cfg.{key[:100]}' is not accepted; "
+                                  f"expected only {sorted(_PRETRAINED_CFG_RULES)}")
+        check, expected = _PRETRAINED_CFG_RULES[key]
+        if not check(value):
+            raise CheckpointError(f"{where!r}: metadata field 'pretrained_cfg.{key}' is {str(value)[:100]}, "
+                                  f"expected {expected}")
+    return model_name, kwargs, pretrained_cfg
+
+
+def class_names_of(path: PathLike, metadata: Dict[str, str]) -> Optional[List[str]]:
+    """The checkpoint's class names (None when it names none); malformed ones are a CheckpointError."""
+    names = _json_field(path, metadata, "class_names", None)
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise CheckpointError(f"{str(path)!r}: metadata field 'class_names' is not a JSON list of strings")
+    return names
+
+
 def load_model(
     path: PathLike,
     model_name: Optional[str] = None,
@@ -159,27 +376,31 @@ def load_model(
     """Build and load a model from our checkpoint or from the original's format.
 
     Returns ``(model, info)`` with ``info`` holding ``model_name``, ``model_kwargs`` and the
-    preprocessing config. A checkpoint of another model is refused, naming both.
+    preprocessing config. A checkpoint of another model is refused, naming both; our file's
+    metadata is checked (:func:`validate_metadata`) before anything is built from it.
     """
     import timm
 
     state_dict, metadata = read_state_dict(path)
     if metadata.get("format") == FORMAT:
-        saved_name = metadata["model_name"]
+        saved_name, kwargs, pretrained_cfg = validate_metadata(path, metadata)
         if model_name is not None and model_name != saved_name:
             raise CheckpointMismatchError(
                 f"{str(path)!r} holds a {saved_name} checkpoint, but model {model_name} was asked for"
             )
         model_name = saved_name
-        kwargs = json.loads(metadata.get("model_kwargs", "{}"))
-        pretrained_cfg = json.loads(metadata.get("pretrained_cfg", "{}"))
     else:
         if model_name is None:
             model_name = infer_original_variant(state_dict)
         kwargs = {"num_classes": _num_classes(state_dict)}
         pretrained_cfg = {}
     kwargs.update(overrides)
-    model = timm.create_model(model_name, **kwargs)
+    try:
+        model = timm.create_model(model_name, **kwargs)
+    except (ValueError, TypeError) as e:  # each kwarg is in range, but together they may not build
+        if metadata.get("format") != FORMAT or isinstance(e, CheckpointMismatchError):
+            raise
+        raise CheckpointError(f"{str(path)!r}: metadata field 'model_kwargs' does not build {model_name}: {e}") from e
     try:
         converted = checkpoint_filter_fn(state_dict, model)
         model.load_state_dict(converted, strict=True)
@@ -187,13 +408,29 @@ def load_model(
         raise CheckpointMismatchError(f"{str(path)!r} does not fit model {model_name}: {e}") from e
     if pretrained_cfg:
         model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **pretrained_cfg}
-    return model, {"model_name": model_name, "model_kwargs": kwargs, "pretrained_cfg": preprocess_config(model)}
+    return model, {"model_name": model_name, "model_kwargs": kwargs, "pretrained_cfg": preprocess_config(model),
+                   "metadata": metadata}
+
+
+# Metadata that save_model writes itself; everything else in our file (class names, epoch,
+# val_top1, ...) is carried over by convert.
+_OWN_METADATA = ("format", "model_name", "model_kwargs", "pretrained_cfg")
 
 
 def convert(src: PathLike, dst: PathLike, model_name: Optional[str] = None) -> str:
-    """Convert a checkpoint in the original's format (or ours) to our safetensors file. Returns the model name."""
+    """Convert a checkpoint in the original's format (or ours) to our safetensors file, keeping
+    our file's other metadata (class names, epoch, val_top1). Returns the model name."""
+    dst = Path(dst)
+    if dst.is_dir():
+        raise UserValueError(f"got destination {str(dst)!r}, which is a directory; expected a .safetensors file path")
+    if dst.exists() and dst.resolve() == Path(src).resolve():
+        raise UserValueError(f"got destination {str(dst)!r}, which is the source file; expected another path")
     model, info = load_model(src, model_name)
-    save_model(dst, model, info["model_name"], info["model_kwargs"])
+    metadata = info["metadata"]
+    extra = {k: v for k, v in metadata.items() if k not in _OWN_METADATA} if metadata.get("format") == FORMAT else {}
+    if "class_names" in extra:
+        class_names_of(src, metadata)  # refuse malformed names rather than copy them on
+    save_model(dst, model, info["model_name"], info["model_kwargs"], extra)
     return info["model_name"]
 
 
@@ -214,7 +451,11 @@ def run(args: argparse.Namespace) -> int:
 
 __all__ = [
     "CheckpointError",
+    "DiskFullError",
     "atomic_write",
+    "class_names_of",
+    "describe_load_error",
+    "validate_metadata",
     "convert",
     "infer_original_variant",
     "is_original_state_dict",

@@ -63,8 +63,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(module.run(args) or 0)
     except UserError as e:  # bad input: one line; anything else keeps its traceback
-        print(f"biformer {name}: error: {e}", file=sys.stderr)
+        print(f"biformer {name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:  # legacy: being narrowed to UserError
-        print(f"biformer {name}: error: {e}", file=sys.stderr)
-        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    """The message on one line: a message quoting a file's text may hold newlines."""
+    return " ".join(str(error).split())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import UserValueError
 from .flops import FlopReport, count_flops
 
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     names = _registered_biformers()
     if args.model not in names:
-        raise ValueError(f"got model {args.model!r}, expected one of the registered BiFormers {names}")
+        raise UserValueError(f"got model {args.model!r}, expected one of the registered BiFormers {names}")
     model = timm.create_model(args.model, num_classes=args.num_classes)
     report = count_flops(model, tuple(args.size), model_name=args.model)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))

@@ -21,6 +21,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
+from ..errors import UserValueError
+
 __all__ = [
     "LayerFlops",
     "bra_flops",
@@ -68,7 +70,7 @@ class LayerFlops:
 
 def _check(height: int, width: int, channels: int) -> None:
     if height < 1 or width < 1 or channels < 1:
-        raise ValueError(f"got size {height}x{width} and channels={channels}; expected positive values")
+        raise UserValueError(f"got size {height}x{width} and channels={channels}; expected positive values")
 
 
 def _projections(tokens: int, channels: int) -> float:
@@ -82,11 +84,11 @@ def bra_flops(
     _check(height, width, channels)
     s = regions_per_side
     if s < 1 or s > min(height, width):
-        raise ValueError(
+        raise UserValueError(
             f"got S={s} regions per side for a {height}x{width} map; expected 1 <= S <= {min(height, width)}"
         )
     if not 1 <= topk <= s * s:
-        raise ValueError(f"got topk={topk} but S={s} gives only {s * s} regions; expected 1 <= topk <= {s * s}")
+        raise UserValueError(f"got topk={topk} but S={s} gives only {s * s} regions; expected 1 <= topk <= {s * s}")
     region_tokens = math.ceil(height / s) * math.ceil(width / s)
     padded_tokens = s * s * region_tokens
     tokens = height * width
@@ -173,7 +175,7 @@ def complexity_report(
     optimum = optimal_regions_per_side(height, width, topk)
     max_S = min(max_S or max(3 * math.ceil(optimum), 2 * models_S), min(height, width))
     if smallest > max_S:
-        raise ValueError(
+        raise UserValueError(
             f"got topk={topk}, which needs at least {smallest} regions per side, but a {height}x{width} map "
             f"allows at most {min(height, width)}"
         )

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
+from ..errors import UserValueError
 from ..layers import BiLevelRoutingAttention
 
 __all__ = [
@@ -216,7 +217,7 @@ def count_flops(
     restored afterwards. See the module docstring for what each count includes.
     """
     if len(input_size) != 2 or any(int(s) < 1 for s in input_size):
-        raise ValueError(f"got input_size={tuple(input_size)!r}, expected (H, W) with positive sides")
+        raise UserValueError(f"got input_size={tuple(input_size)!r}, expected (H, W) with positive sides")
     height, width = (int(s) for s in input_size)
     fvnn = _fvcore()
     param = next(model.parameters(), None)

@@ -12,6 +12,7 @@ from typing import List
 
 import torch
 
+from ..errors import UserValueError
 from .harness import available_memory_bytes
 from .report import format_report, output_paths, write_chart, write_json
 from .runner import PARTS, run_benchmark
@@ -64,8 +65,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     for name in ("threads", "repeats", "warmup", "large_repeats", "image_size", "batch", "matmul_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f"got --{name.replace('_', '-')}={value}, expected a positive integer")
-    device = torch.device(args.device)
+            raise UserValueError(f"got --{name.replace('_', '-')}={value}, expected a positive integer")
+    for name in ("memory_budget_gb", "max_call_seconds"):
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise UserValueError(f"got --{name.replace('_', '-')}={value}, expected a positive number")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise UserValueError(f"got --device {args.device!r}, expected cpu, cuda or cuda:N") from e
     budget = (args.memory_budget_gb * 2 ** 30 if args.memory_budget_gb is not None
               else available_memory_bytes(device) // 2)
     notes: List[str] = []

@@ -17,6 +17,7 @@ from typing import Callable, Dict, Iterator, Tuple
 import torch
 import torch.nn as nn
 
+from ..errors import UserValueError
 from ..layers import BiLevelRoutingAttention
 
 __all__ = ["MAC_SOURCES", "count_macs", "resolve_mac_source"]
@@ -64,7 +65,7 @@ def resolve_mac_source(name: str) -> str:
     if name == "auto":
         return "analysis" if importlib.util.find_spec("biformer.analysis.flops") is not None else "flop_counter"
     if name not in MAC_SOURCES:
-        raise ValueError(f"got MAC source {name!r}, expected 'auto' or one of {sorted(MAC_SOURCES)}")
+        raise UserValueError(f"got MAC source {name!r}, expected 'auto' or one of {sorted(MAC_SOURCES)}")
     return name
 
 

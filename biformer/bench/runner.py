@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 
+from ..errors import UserValueError
 from .harness import memory_limit
 from .report import compute_targets
 from .suites import WITH_ORIGINAL, BenchConfig, infer_mode, measure_matmul_rate, run_layers, run_models, train_mode
@@ -70,10 +71,10 @@ def run_benchmark(
     parts = set(parts)
     unknown = parts - set(PARTS)
     if unknown or not parts:
-        raise ValueError(f"got parts {sorted(unknown) or '[]'}, expected a non-empty subset of {PARTS}")
+        raise UserValueError(f"got parts {sorted(unknown) or '[]'}, expected a non-empty subset of {PARTS}")
     device = config.torch_device
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("got device cuda, but CUDA is not available here")
+        raise UserValueError("got device cuda, but CUDA is not available here")
     config.torch_dtype  # validates the dtype name early
     threads_before = torch.get_num_threads()
     torch.set_num_threads(config.threads)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UserValueError
 from ..layers import BiLevelRoutingAttention
 from ..ops import available_backends
 from .baseline import full_attention, original_bra, original_bra_peak_bytes, use_original_bra
@@ -118,7 +119,7 @@ class BenchConfig:
     def torch_dtype(self) -> torch.dtype:
         dtype = getattr(torch, self.dtype, None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"got dtype={self.dtype!r}, expected a floating dtype such as float32 or bfloat16")
+            raise UserValueError(f"got dtype={self.dtype!r}, expected a floating dtype such as float32 or bfloat16")
         return dtype
 
     def to_dict(self) -> Dict[str, Any]:

@@ -21,6 +21,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import Tensor
 
+from ..errors import UserValueError
 from ..layers import BiLevelRoutingAttention, GlobalAttentionLCE
 
 __all__ = ["BiFormer", "BiFormerBlock", "BiFormerStage", "checkpoint_filter_fn", "CheckpointMismatchError"]
@@ -336,7 +337,7 @@ class BiFormer(nn.Module):
 # ---- checkpoints -------------------------------------------------------------------------------
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserValueError):
     """A checkpoint does not fit the model; the message lists the offending keys and shapes."""
 
 

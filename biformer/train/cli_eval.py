@@ -9,6 +9,7 @@ import argparse
 import json
 from typing import Any, Dict, List
 
+from ..errors import UserError, UserValueError
 from .config import DIGITS
 
 PER_CLASS_PRINT_LIMIT = 100
@@ -43,9 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from . import data as data_lib
     from .engine import evaluate
-    from .inference import load_checkpoint
+    from .inference import check_numbers, load_checkpoint
     from .runtime import init_runtime, resolve_amp, shutdown
 
+    check_numbers(args, positive=("batch_size", "img_size"), non_negative=("num_workers",), fractions=("crop_pct",))
     runtime = init_runtime(args.device)
     try:
         ckpt = load_checkpoint(args.checkpoint, args.model, runtime.device, args.img_size, args.crop_pct)
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         source = data_lib.open_source(dataset, args.data, args.split,
                                       class_names=ckpt.class_names if is_folder else None)
         if source.classes and len(source.classes) > ckpt.num_classes:
-            raise ValueError(f"the data has {len(source.classes)} classes but {ckpt.model_name} in "
+            raise UserValueError(f"the data has {len(source.classes)} classes but {ckpt.model_name} in "
                              f"{args.checkpoint!r} has {ckpt.num_classes}")
         samples = data_lib.ImageSamples(source, data_lib.eval_transform(ckpt.data_cfg), replace_bad=False)
         num_workers = args.num_workers if args.num_workers is not None else data_lib.default_num_workers()
@@ -64,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
                           progress=args.progress)
     finally:
         shutdown(runtime)
+    if result.num_nonfinite:  # every rank raises: the sums were reduced, so each knows
+        raise UserError(f"{result.num_nonfinite} of {result.num_images} images gave non-finite logits (NaN or inf) "
+                        f"with {args.checkpoint!r}; refusing to report an accuracy from them (diverged or damaged "
+                        "weights?)")
     if not runtime.is_main:
         return 0
     names = ckpt.class_names or source.classes or None

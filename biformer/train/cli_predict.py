@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
+from ..errors import UserError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (searched recursively)")
@@ -33,12 +35,12 @@ def find_images(inputs: List[str]) -> List[Path]:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
             if not files:
-                raise FileNotFoundError(f"no images ({', '.join(sorted(extensions))}) under {item!r}")
+                raise UserError(f"no images ({', '.join(sorted(extensions))}) under {item!r}")
             found += files
         elif path.is_file():
             found.append(path)
         else:
-            raise FileNotFoundError(f"no image or folder at {item!r}")
+            raise UserError(f"no image or folder at {item!r}")
     return found
 
 
@@ -47,11 +49,10 @@ def run(args: argparse.Namespace) -> int:
 
     from .engine import log
     from .data import eval_transform
-    from .inference import display_names, load_checkpoint
+    from .inference import check_numbers, display_names, load_checkpoint
     from .runtime import resolve_device
 
-    if args.top_k < 1:
-        raise ValueError(f"got --top-k {args.top_k}, expected at least 1")
+    check_numbers(args, positive=("top_k", "batch_size"))
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, args.model, device)
     names = display_names(ckpt)
@@ -69,16 +70,22 @@ def run(args: argparse.Namespace) -> int:
             log(f"warning: skipped unreadable image {path} ({type(e).__name__}: {e})")
 
     results: List[Dict[str, Any]] = []
+    nonfinite = 0
     with torch.no_grad():
         for start in range(0, len(readable), args.batch_size):
             chunk = readable[start:start + args.batch_size]
             batch = torch.stack([x for _, x in chunk]).to(device)  # (B, 3, H, W)
-            probs = ckpt.model(batch).float().softmax(dim=1)  # (B, classes)
+            logits = ckpt.model(batch).float()  # (B, classes)
+            nonfinite += int((~torch.isfinite(logits).all(dim=1)).sum())
+            probs = logits.softmax(dim=1)
             top = probs.topk(k, dim=1)
             for (path, _), values, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
                 results.append({"path": str(path), "predictions": [
                     {"label": names[i], "index": i, "probability": p} for p, i in zip(values, indices)]})
 
+    if nonfinite:
+        raise UserError(f"{nonfinite} of {len(readable)} images gave non-finite logits (NaN or inf) with "
+                        f"{args.checkpoint!r}; refusing to report labels from them (diverged or damaged weights?)")
     if args.json:
         print(json.dumps({"checkpoint": args.checkpoint, "model": ckpt.model_name,
                           "results": results, "skipped": skipped}))

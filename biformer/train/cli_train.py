@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional, TypeVar
 
+from ..errors import UserError, UserValueError
 from .config import (
     DIGITS,
     CONFIG_FIELDS,
@@ -27,6 +28,9 @@ EXAMPLES = """examples:
   biformer train --config configs/train/imagenet_biformer_small.yaml --data /data/imagenet
   torchrun --standalone --nproc_per_node 8 -m biformer train --data /data/imagenet --output runs/tiny
   biformer train --resume runs/tiny              # continue a stopped run where it stopped
+  biformer train --output runs/tiny --overwrite  # start again in a folder that holds a run
+
+One run at a time per --output: the folder is locked (OUT/.lock) while a run uses it.
 
 Precedence: preset < --config YAML < flags. Every flag is also a YAML key (--batch-size: batch_size).
 Outputs in --output: config.yaml, best/last.safetensors, state.pt, metrics.csv, steps.csv, tb/, curves.png.
@@ -41,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML file of options (flags given here override it)")
     parser.add_argument("--resume", metavar="DIR", default=None,
                         help="continue the run in DIR from its last checkpoint, with its config.yaml")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an --output folder that holds a previous run's results, "
+                             "removing them (it lists what it removes); without it such a folder is refused")
     add_config_arguments(parser)
 
 
@@ -79,35 +86,65 @@ def load_config(args: argparse.Namespace) -> TrainConfig:
     if args.resume is None:
         return build_config(overrides, args.config)
     if args.config:
-        raise ValueError("--resume continues a run with its own config.yaml; drop --config")
+        raise UserValueError("--resume continues a run with its own config.yaml; drop --config")
+    if getattr(args, "overwrite", False):
+        raise UserValueError("got both --resume and --overwrite; --resume continues the run, --overwrite starts again")
     run_dir = Path(args.resume)
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"no run to resume at {str(run_dir)!r} (it has no config.yaml)")
+        raise UserError(f"no run to resume at {str(run_dir)!r} (it has no config.yaml)")
     saved = load_yaml(run_dir / "config.yaml")
     changed = sorted(k for k in set(overrides) - RESUME_OVERRIDES if overrides[k] != saved.get(k))
     if changed:
-        raise ValueError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when resuming; "
+        raise UserValueError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when resuming; "
                          f"only {', '.join(sorted(RESUME_OVERRIDES))} may change")
     cfg = build_config(overrides, base=saved)
     cfg.output = str(run_dir)
     return cfg
 
 
+T = TypeVar("T")
+
+
+def _on_main_first(runtime: Any, step: Callable[[], T]) -> Optional[T]:
+    """Run ``step`` on the main process only; if it refuses (a UserError), every rank raises the
+    same error at once instead of waiting for rank 0 in a later collective."""
+    result: Optional[T] = None
+    error: Optional[str] = None
+    failure: Optional[UserError] = None
+    if runtime.is_main:
+        try:
+            result = step()
+        except UserError as e:
+            failure, error = e, str(e)
+    error = _broadcast(error)
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
-    from .engine import Trainer, check_output, write_config
+    from .engine import Trainer, log, write_config
+    from .rundir import prepare_run_folder
     from .runtime import init_runtime, shutdown
 
     cfg = load_config(args)
     runtime = init_runtime(cfg.device)
+    lock = None
     try:
         output = cfg.output or _broadcast(_default_output(cfg))
         cfg = resolve(cfg, runtime.world_size, output)
         resume = args.resume is not None
-        check_output(cfg, resume)
+        # only rank 0 writes, so only rank 0 locks; the others learn the outcome from it
+        lock = _on_main_first(runtime, lambda: prepare_run_folder(
+            Path(output), resume, getattr(args, "overwrite", False), note=log))
         trainer = Trainer(cfg, runtime, resume=resume)
         write_config(cfg, runtime)
         trainer.fit()
     finally:
+        if lock is not None:
+            lock.release()
         shutdown(runtime)
     return 0
 

@@ -19,6 +19,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import yaml
 
+from ..errors import UserError, UserValueError
+
 DIGITS = "digits"  # the bundled dataset: scikit-learn's handwritten digits, nothing downloaded
 
 # Stochastic depth of the paper's recipe per model (BiFormer-T/S/B); others fall back to 0.1.
@@ -188,7 +190,7 @@ def coerce(name: str, value: Any) -> Any:
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
-        raise ValueError(f"got {name}=None, but {name} needs a value")
+        raise UserValueError(f"got {name}=None, but {name} needs a value")
     origin = typing.get_origin(tp)
     try:
         if tp is bool:
@@ -220,7 +222,7 @@ def coerce(name: str, value: Any) -> Any:
         pass
     else:
         raise TypeError(f"field {name} has an unsupported type {tp}")
-    raise ValueError(f"got {name}={value!r}, expected {_describe_type(tp)}")
+    raise UserValueError(f"got {name}={value!r}, expected {_describe_type(tp)}")
 
 
 def _describe_type(tp: Any) -> str:
@@ -236,7 +238,7 @@ def _canonical_key(key: str) -> str:
     if name not in CONFIG_FIELDS:
         close = difflib.get_close_matches(name, CONFIG_FIELDS, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown config option {key!r}{hint}")
+        raise UserValueError(f"unknown config option {key!r}{hint}")
     return name
 
 
@@ -244,11 +246,19 @@ def load_yaml(path: os.PathLike | str) -> Dict[str, Any]:
     """Read a config file: a flat mapping of option names to values."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no config file at {str(path)!r}")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        raise UserError(f"no config file at {str(path)!r}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:  # the parser's message spans lines: keep the problem and its position
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise UserValueError(f"{str(path)!r} is not valid YAML: {problem}{where}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read config file {str(path)!r}: {e}") from e
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{str(path)!r} must hold a mapping of option: value, got a {type(raw).__name__}")
+        raise UserValueError(f"{str(path)!r} must hold a mapping of option: value, got a {type(raw).__name__}")
     out = {}
     for key, value in raw.items():
         name = _canonical_key(str(key))
@@ -263,7 +273,7 @@ def build_config(overrides: Mapping[str, Any], config_file: Optional[str] = None
     explicit = {**(base or {}), **file_values, **{k: coerce(_canonical_key(k), v) for k, v in overrides.items()}}
     preset = explicit.get("preset") or default_preset(explicit)
     if preset not in PRESETS:
-        raise ValueError(f"got preset={preset!r}, expected one of {sorted(PRESETS)}")
+        raise UserValueError(f"got preset={preset!r}, expected one of {sorted(PRESETS)}")
     values = {**PRESETS[preset], **explicit, "preset": preset}
     cfg = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
     validate(cfg)
@@ -274,20 +284,50 @@ def validate(cfg: TrainConfig) -> None:
     positive = ("epochs", "batch_size", "accum_steps", "img_size", "lr_base_size")
     for name in positive:
         if getattr(cfg, name) < 1:
-            raise ValueError(f"got {name}={getattr(cfg, name)}, expected a positive integer")
+            raise UserValueError(f"got {name}={getattr(cfg, name)}, expected a positive integer")
     for name in ("mixup_prob", "mixup_switch_prob", "reprob", "hflip", "vflip"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
-            raise ValueError(f"got {name}={getattr(cfg, name)}, expected a probability in [0, 1]")
+            raise UserValueError(f"got {name}={getattr(cfg, name)}, expected a probability in [0, 1]")
     if not 0.0 <= cfg.smoothing < 1.0:
-        raise ValueError(f"got smoothing={cfg.smoothing}, expected a value in [0, 1)")
+        raise UserValueError(f"got smoothing={cfg.smoothing}, expected a value in [0, 1)")
     if cfg.amp not in AMP_MODES:
-        raise ValueError(f"got amp={cfg.amp!r}, expected one of {AMP_MODES}")
+        raise UserValueError(f"got amp={cfg.amp!r}, expected one of {AMP_MODES}")
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
-        raise ValueError(f"got batch_size={cfg.batch_size}; mixup/cutmix pair images and need an even batch size")
+        raise UserValueError(f"got batch_size={cfg.batch_size}; mixup/cutmix pair images and need an even batch size")
     if cfg.warmup_epochs > cfg.epochs:
-        raise ValueError(f"got warmup_epochs={cfg.warmup_epochs} > epochs={cfg.epochs}")
-    if cfg.aug_repeats < 0 or cfg.save_every < 0 or cfg.log_interval < 1:
-        raise ValueError("aug_repeats and save_every must be >= 0, log_interval >= 1")
+        raise UserValueError(f"got warmup_epochs={cfg.warmup_epochs} > epochs={cfg.epochs}")
+    # NaN and inf pass here on purpose: a run that cannot train stops at the first non-finite loss
+    for name in ("lr", "lr_base", "opt_eps", "clip_grad", "crop_pct"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise UserValueError(f"got {name}={value}, expected a positive number")
+    for name in ("weight_decay", "warmup_lr", "min_lr", "momentum", "warmup_epochs", "mixup", "cutmix",
+                 "color_jitter"):
+        if getattr(cfg, name) < 0:
+            raise UserValueError(f"got {name}={getattr(cfg, name)}, expected a number >= 0")
+    if cfg.drop_path is not None and not 0.0 <= cfg.drop_path < 1.0:
+        raise UserValueError(f"got drop_path={cfg.drop_path}, expected a value in [0, 1)")
+    if not 0.0 <= cfg.model_ema_decay <= 1.0:
+        raise UserValueError(f"got model_ema_decay={cfg.model_ema_decay}, expected a value in [0, 1]")
+    if not 0.0 < cfg.scale[0] <= cfg.scale[1] <= 1.0:
+        raise UserValueError(f"got scale={list(cfg.scale)}, expected 0 < min <= max <= 1")
+    if not 0.0 < cfg.ratio[0] <= cfg.ratio[1]:
+        raise UserValueError(f"got ratio={list(cfg.ratio)}, expected 0 < min <= max")
+    for name in ("aug_repeats", "save_every", "recount"):
+        if getattr(cfg, name) < 0:
+            raise UserValueError(f"got {name}={getattr(cfg, name)}, expected an integer >= 0")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise UserValueError(f"got num_workers={cfg.num_workers}, expected an integer >= 0")
+    if cfg.log_interval < 1:
+        raise UserValueError(f"got log_interval={cfg.log_interval}, expected a positive integer")
+    if cfg.model not in _registered_models():
+        raise UserValueError(f"got model={cfg.model!r}, expected one of the BiFormer variants {_registered_models()}")
+
+
+def _registered_models() -> List[str]:
+    from ..models.biformer import MODEL_ARGS
+
+    return sorted(MODEL_ARGS)
 
 
 def resolved_drop_path(cfg: TrainConfig) -> float:

@@ -29,6 +29,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import UserError, UserValueError
 from .config import DIGITS
 
 _logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def digits_split(split: str) -> Tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     if split not in ("train", "val"):
-        raise ValueError(f"got split={split!r} for the digits, expected 'train' or 'val'")
+        raise UserValueError(f"got split={split!r} for the digits, expected 'train' or 'val'")
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 ink levels -> 0..255
     train_x, val_x, train_y, val_y = train_test_split(
@@ -96,6 +97,7 @@ class TimmReaderSource(ImageSource):
 
     def __init__(self, dataset: Any) -> None:
         self.reader = dataset.reader
+        self.empty_class_folders: List[str] = []
         class_to_idx = getattr(self.reader, "class_to_idx", None) or {}
         self.classes = [c for c, _ in sorted(class_to_idx.items(), key=lambda item: item[1])]
 
@@ -159,28 +161,28 @@ def open_source(dataset: Optional[str], root: Optional[str], split: str,
         return DigitsSource(split)
     if not dataset:
         if root is None:
-            raise ValueError("an ImageFolder needs --data DIR (with DIR/train/<class>/ and DIR/val/<class>/)")
+            raise UserValueError("an ImageFolder needs --data DIR (with DIR/train/<class>/ and DIR/val/<class>/)")
         return _open_folder(Path(root), split, class_names)
     prefix = dataset.partition("/")[0].lower()
     if prefix in _STREAMING_PREFIXES:
-        raise ValueError(
+        raise UserValueError(
             f"got dataset={dataset!r}: streaming datasets ({', '.join(p + '/' for p in _STREAMING_PREFIXES)}) "
             "cannot be resumed mid-epoch or sharded without padding; use an ImageFolder, torch/... or hfds/..."
         )
     if root is not None and not Path(root).exists():
-        raise FileNotFoundError(f"no dataset root at {root!r}")
+        raise UserError(f"no dataset root at {root!r}")
     from timm.data import create_dataset
 
     try:
         ds = create_dataset(dataset, root=root, split=split, download=False)
     except (AssertionError, RuntimeError) as e:
-        raise ValueError(f"timm cannot open dataset {dataset!r} (root {root!r}, split {split!r}): {e}") from e
+        raise UserValueError(f"timm cannot open dataset {dataset!r} (root {root!r}, split {split!r}): {e}") from e
     if hasattr(ds, "reader"):
         source: ImageSource = TimmReaderSource(ds)
     else:
         source = TorchDatasetSource(ds)
     if len(source) == 0:
-        raise ValueError(f"dataset {dataset!r} split {split!r} at {root!r} has no images")
+        raise UserValueError(f"dataset {dataset!r} split {split!r} at {root!r} has no images")
     return source
 
 
@@ -188,23 +190,44 @@ def _open_folder(root: Path, split: str, class_names: Optional[Sequence[str]]) -
     from timm.data import ImageDataset
 
     if not root.is_dir():
-        raise FileNotFoundError(f"no dataset directory at {str(root)!r}")
+        raise UserError(f"no dataset directory at {str(root)!r}")
     split_dir = root / split
     if not split_dir.is_dir():
-        raise FileNotFoundError(
+        raise UserError(
             f"no {split!r} folder in {str(root)!r}: expected {str(split_dir)}/<class>/<image> "
             f"(found: {sorted(p.name for p in root.iterdir())[:10]})"
         )
     classes = _folder_classes(split_dir)
     if not classes:
-        raise ValueError(f"no class folders with images in {str(split_dir)!r}: expected {str(split_dir)}/<class>/<image>")
+        raise UserValueError(f"no class folders with images in {str(split_dir)!r}: expected {str(split_dir)}/<class>/<image>")
     if class_names is not None:
         unknown = sorted(set(classes) - set(class_names))
         if unknown:
-            raise ValueError(f"{str(split_dir)!r} has classes {unknown[:10]} that training does not have")
+            raise UserValueError(f"{str(split_dir)!r} has classes {unknown[:10]} that training does not have")
         classes = list(class_names)
     ds = ImageDataset(str(split_dir), class_map={c: i for i, c in enumerate(classes)})
-    return TimmReaderSource(ds)
+    source = TimmReaderSource(ds)
+    if class_names is None:  # class folders without images are left out: say which
+        source.empty_class_folders = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in classes)
+    return source
+
+
+def class_counts(source: ImageSource) -> Optional[List[int]]:
+    """Images per class index, where the source knows its labels without decoding images."""
+    labels: Optional[Sequence[int]] = None
+    if isinstance(source, DigitsSource):
+        labels = source.targets.tolist()
+    elif isinstance(source, TimmReaderSource) and isinstance(getattr(source.reader, "samples", None), list):
+        labels = [int(target) for _, target in source.reader.samples]
+    elif isinstance(source, TorchDatasetSource) and getattr(source.dataset, "targets", None) is not None:
+        labels = [int(t) for t in source.dataset.targets]
+    if labels is None:
+        return None
+    counts = [0] * len(source.classes)
+    for label in labels:
+        if 0 <= label < len(counts):
+            counts[label] += 1
+    return counts
 
 
 # ---- dataset with per-sample seeding and bad-image handling ------------------------------------
@@ -248,7 +271,7 @@ class ImageSamples(Dataset):
                     return None, -1, skipped
                 index = random.Random(f"{seed}:{index}").randrange(len(self.source))
         else:
-            raise RuntimeError(f"{MAX_CONSECUTIVE_FAILURES} images in a row could not be read; last: {skipped[-1]}")
+            raise UserError(f"{MAX_CONSECUTIVE_FAILURES} images in a row could not be read; last: {skipped[-1]}")
         return self.transform(img), target, skipped
 
 
@@ -293,7 +316,7 @@ class TrainBatchSampler(Sampler[List[Tuple[int, int]]]):
         self.seed = seed
         self.global_batch = batch_size * world_size * accum_steps
         if num_samples < self.global_batch:
-            raise ValueError(
+            raise UserValueError(
                 f"the training set has {num_samples} images, fewer than one global batch of {self.global_batch} "
                 f"({batch_size} per process x {world_size} processes x {accum_steps} accumulation steps)"
             )

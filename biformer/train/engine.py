@@ -33,17 +33,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..checkpoint import atomic_write, read_state_dict, save_model
+from ..checkpoint import DiskFullError, atomic_write, describe_load_error, is_disk_full, read_state_dict, save_model
+from ..errors import UserError, UserValueError
 from ..models.biformer import CheckpointMismatchError, checkpoint_filter_fn
 from . import data as data_lib
 from .config import TrainConfig, dump_yaml, resolved_drop_path, resolved_lr, to_dict
 from .logs import RunLog, plot_curves
-from .runtime import Runtime, all_reduce_sum, autocast, barrier, resolve_amp
+from .runtime import Runtime, all_reduce_min, all_reduce_sum, autocast, barrier, resolve_amp
 
 STATE_FORMAT = "biformer-train-state"
 STATE_VERSION = 1
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """The training loss became NaN or infinite; the run stops and keeps its last good state."""
 
 
 def log(message: str, runtime: Optional[Runtime] = None) -> None:
@@ -70,6 +75,7 @@ class EvalResult:
     per_class_correct: List[int]
     per_class_total: List[int]
     num_skipped: int = 0
+    num_nonfinite: int = 0  # images whose logits hold NaN or inf; then loss and accuracies are NaN
 
     def per_class_accuracy(self) -> List[Optional[float]]:
         return [100.0 * c / t if t else None for c, t in zip(self.per_class_correct, self.per_class_total)]
@@ -82,6 +88,7 @@ class EvalResult:
             "loss": self.loss,
             "num_images": self.num_images,
             "num_skipped": self.num_skipped,
+            "num_nonfinite": self.num_nonfinite,
             "per_class": {
                 name: {"top1": acc, "num_images": total}
                 for name, acc, total in zip(names, self.per_class_accuracy(), self.per_class_total)
@@ -94,13 +101,16 @@ def evaluate(model: nn.Module, loader: Any, num_classes: int, runtime: Runtime,
              amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
              progress: bool = False, desc: str = "eval") -> EvalResult:
     """Top-1/top-5, mean cross-entropy and per-class accuracy; sums are reduced over ranks, and each
-    rank holds a disjoint shard without padding, so the numbers equal a single process's."""
+    rank holds a disjoint shard without padding, so the numbers equal a single process's.
+
+    Images whose logits are not finite are counted (``num_nonfinite``); with any of them, loss and
+    accuracies are NaN, since a ranking of NaN logits means nothing."""
     from tqdm import tqdm
 
     model.eval()
     device = runtime.device
     k = min(5, num_classes)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-k hits, skipped
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1 hits, top-k hits, skipped, non-finite
     per_class = torch.zeros(2, num_classes, dtype=torch.float64, device=device)  # hits, totals
     bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and runtime.is_main), dynamic_ncols=True)
     for batch in bar:
@@ -114,10 +124,11 @@ def evaluate(model: nn.Module, loader: Any, num_classes: int, runtime: Runtime,
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if int(targets.max()) >= num_classes:
-            raise ValueError(f"the data has label {int(targets.max())} but the model has only {num_classes} classes")
+            raise UserValueError(f"the data has label {int(targets.max())} but the model has only {num_classes} classes")
         with autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()  # (B, classes)
+        sums[4] += (~torch.isfinite(logits).all(dim=1)).sum()
         sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
         hits = logits.topk(k, dim=1).indices == targets[:, None]  # (B, k)
         sums[1] += hits[:, 0].sum()
@@ -128,15 +139,18 @@ def evaluate(model: nn.Module, loader: Any, num_classes: int, runtime: Runtime,
     all_reduce_sum(per_class, runtime)
     n = int(per_class[1].sum())
     if n == 0:
-        raise ValueError("no image could be evaluated")
+        raise UserValueError("no image could be evaluated")
+    nonfinite = int(sums[4])
+    nan = float("nan")
     return EvalResult(
         num_images=n,
-        loss=float(sums[0]) / n,
-        top1=100.0 * float(sums[1]) / n,
-        top5=100.0 * float(sums[2]) / n,
+        loss=float(sums[0]) / n if not nonfinite else nan,
+        top1=100.0 * float(sums[1]) / n if not nonfinite else nan,
+        top5=100.0 * float(sums[2]) / n if not nonfinite else nan,
         per_class_correct=[int(v) for v in per_class[0].tolist()],
         per_class_total=[int(v) for v in per_class[1].tolist()],
         num_skipped=int(sums[3]),
+        num_nonfinite=nonfinite,
     )
 
 
@@ -225,14 +239,18 @@ class Trainer:
         self.train_source = data_lib.open_source(cfg.dataset, cfg.data, cfg.train_split)
         self.class_names = list(self.train_source.classes)
         if not self.class_names:
-            raise ValueError(f"cannot tell the classes of dataset {cfg.dataset!r}: it names none")
+            raise UserValueError(f"cannot tell the classes of dataset {cfg.dataset!r}: it names none")
         self.num_classes = len(self.class_names)
+        self._warn_about_classes()
         self.val_source = data_lib.open_source(cfg.dataset, cfg.data, cfg.val_split, class_names=self.class_names)
 
         # model: the same initial weights on every rank
         torch.manual_seed(cfg.seed)
         self.model_kwargs = {"num_classes": self.num_classes, **cfg.model_kwargs}
-        model = timm.create_model(cfg.model, drop_path_rate=resolved_drop_path(cfg), **self.model_kwargs)
+        try:
+            model = timm.create_model(cfg.model, drop_path_rate=resolved_drop_path(cfg), **self.model_kwargs)
+        except ValueError as e:  # each kwarg passed the config's checks, but together they may not build
+            raise UserValueError(f"cannot build {cfg.model} with model_kwargs {cfg.model_kwargs}: {e}") from e
         if cfg.pretrained and not resume:
             not_loaded = load_initial_weights(model, cfg.pretrained, cfg.model)
             log(f"initial weights from {cfg.pretrained}" + (f"; fresh: {not_loaded}" if not_loaded else ""), runtime)
@@ -299,9 +317,24 @@ class Trainer:
             self.criterion = nn.CrossEntropyLoss()
 
         self.state = TrainState()
+        self.saved_update: Optional[int] = None  # the update state.pt holds, once there is one
         if resume:
             self.load_state()
         self.run_log: Optional[RunLog] = None  # opened by fit(), once the run directory exists
+
+    def _warn_about_classes(self) -> None:
+        """One line when the training data cannot teach a classifier anything: a loss of 0 and 100%
+        accuracy would otherwise look like success."""
+        names = self.class_names
+        if len(names) < 2:
+            log(f"warning: the training data has only {len(names)} class ({', '.join(names)}); every image gets "
+                "that label, so the loss goes to 0 and the accuracy to 100% whatever the model learns", self.runtime)
+        counts = data_lib.class_counts(self.train_source)
+        empty = sorted(set(getattr(self.train_source, "empty_class_folders", [])) |
+                       {name for name, count in zip(names, counts or []) if count == 0})
+        if empty:
+            log(f"warning: {len(empty)} class(es) have no training images: {', '.join(empty[:10])}"
+                + (" ..." if len(empty) > 10 else ""), self.runtime)
 
     # ---- bookkeeping
 
@@ -351,31 +384,44 @@ class Trainer:
             "history": self.state.history,
             "meter": self.state.meter.state(),
         }
+        # the previous state.pt stays whole until this one is complete (a full disk keeps it too)
         atomic_write(self.out / STATE_FILE, lambda tmp: torch.save(state, tmp))
+        self.saved_update = self.update_index
 
     def load_state(self) -> None:
         path = self.out / STATE_FILE
+        start_again = "start a new run there with --overwrite, or choose another --output"
         if not path.is_file():
-            raise FileNotFoundError(f"no training state to resume at {str(path)!r}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"{str(path)!r} is not a biformer training state")
-        if state["model_name"] != self.cfg.model:
+            raise UserError(f"no training state to resume at {str(path)!r}: the run stopped before its first "
+                            f"checkpoint; {start_again}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, overwritten or not a torch file: torch's error type varies
+            raise UserError(f"cannot resume from {str(path)!r}: it is damaged or not a training state "
+                            f"({describe_load_error(e)[:300]}); {start_again}") from e
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise UserValueError(f"{str(path)!r} is not a biformer training state; {start_again}")
+        if state.get("model_name") != self.cfg.model:
             raise CheckpointMismatchError(
-                f"{str(path)!r} holds a {state['model_name']} run, but the config trains {self.cfg.model}")
-        if state["global_batch"] != self.global_batch:
-            raise ValueError(
-                f"the run was checkpointed with a global batch of {state['global_batch']}, now it is "
+                f"{str(path)!r} holds a {state.get('model_name')} run, but the config trains {self.cfg.model}")
+        if state.get("global_batch") != self.global_batch:
+            raise UserValueError(
+                f"the run was checkpointed with a global batch of {state.get('global_batch')}, now it is "
                 f"{self.global_batch}: keep processes x batch_size x accum_steps equal to resume it")
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.module.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.state = TrainState(
-            epoch=state["epoch"], step=state["step"], best_top1=state["best_top1"], best_epoch=state["best_epoch"],
-            history=list(state["history"]), meter=EpochMeter(**state["meter"]))
+        try:
+            self.model.load_state_dict(state["model"])
+            if self.ema is not None and state["ema"] is not None:
+                self.ema.module.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.state = TrainState(
+                epoch=state["epoch"], step=state["step"], best_top1=state["best_top1"],
+                best_epoch=state["best_epoch"], history=list(state["history"]), meter=EpochMeter(**state["meter"]))
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # the right format, but damaged content
+            raise UserError(f"cannot resume from {str(path)!r}: its content is incomplete or does not fit the "
+                            f"model ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
+        self.saved_update = self.update_index
         if not self.runtime.is_main:  # the saved sums are global; other ranks add only their new part
             self.state.meter.loss_sum, self.state.meter.skipped = 0.0, 0
         log(f"resumed {self.out} at epoch {self.state.epoch + 1}, update {self.update_index}", self.runtime)
@@ -383,6 +429,22 @@ class Trainer:
     # ---- the loop
 
     def fit(self) -> TrainState:
+        cfg = self.cfg
+        try:
+            self._fit()
+        except DiskFullError as e:
+            raise DiskFullError(f"{e}; free some space, then continue with: biformer train --resume {self.out}") from e
+        except OSError as e:  # e.g. appending to steps.csv
+            if not is_disk_full(e, self.out):
+                raise
+            raise DiskFullError(f"no space left on device in {str(self.out)!r} ({e}); free some space, then "
+                                f"continue with: biformer train --resume {self.out}") from e
+        finally:
+            if self.run_log is not None:
+                self.run_log.close()
+        return self.state
+
+    def _fit(self) -> None:
         cfg = self.cfg
         self.run_log = RunLog(self.out, self.runtime.is_main, cfg.tensorboard, resume_update=self.update_index)
         log(self.describe(), self.runtime)
@@ -393,10 +455,25 @@ class Trainer:
         if self.runtime.is_main and self.state.history:
             plot_curves(self.state.history, self.out / "curves.png")
             best = self.state
-            log(f"done: best val top-1 {best.best_top1:.2f}% (epoch {best.best_epoch + 1}); "
-                f"weights in {self.out / 'best.safetensors'} and {self.out / 'last.safetensors'}")
-        self.run_log.close()
-        return self.state
+            if best.best_epoch >= 0:
+                log(f"done: best val top-1 {best.best_top1:.2f}% (epoch {best.best_epoch + 1}); "
+                    f"weights in {self.out / 'best.safetensors'} and {self.out / 'last.safetensors'}")
+            else:
+                log(f"done: no epoch gave finite validation logits, so there is no best.safetensors; "
+                    f"the last weights are in {self.out / 'last.safetensors'}")
+
+    def _stop_if_diverged(self, first_bad: float, bad_loss: float) -> None:
+        """Raise :class:`TrainingDiverged` if any rank saw a non-finite loss (``first_bad``: the
+        first such update here, inf if none). Called by every rank at the same updates."""
+        box = torch.tensor([first_bad], dtype=torch.float64, device=self.runtime.device)
+        first = float(all_reduce_min(box, self.runtime)[0])
+        if math.isinf(first):
+            return
+        loss = f"loss {bad_loss}" if first == first_bad else "a non-finite loss on another process"
+        kept = (f"{self.out / STATE_FILE} keeps the last good state (update {self.saved_update})"
+                if self.saved_update is not None else "no training state had been saved yet")
+        raise TrainingDiverged(f"the training loss diverged at update {int(first)} ({loss}); the run stopped and "
+                               f"{kept}; lower --lr or set --clip-grad")
 
     def train_epoch(self) -> None:
         from tqdm import tqdm
@@ -413,6 +490,7 @@ class Trainer:
         since_log = time.perf_counter()
         started = time.perf_counter()
         images_since_log = 0
+        first_bad, bad_loss = math.inf, math.nan  # the first update here whose loss was not finite
         for step in range(self.state.step, self.steps_per_epoch):
             update = epoch * self.steps_per_epoch + step
             loss_sum = torch.zeros((), device=device)
@@ -451,12 +529,15 @@ class Trainer:
             meter.images += self.global_batch
 
             # the global mean loss of this update: every rank reduces at the same updates
+            local_loss = loss_sum.item() / slots
+            if not math.isfinite(local_loss) and math.isinf(first_bad):
+                first_bad, bad_loss = float(update + 1), local_loss
             is_last = step == self.steps_per_epoch - 1
             save_now = cfg.save_every > 0 and (update + 1) % cfg.save_every == 0 and not is_last
             if (update + 1) % cfg.log_interval == 0 or is_last or save_now:
+                # before anything is logged or saved: a diverged model must not replace the last good state
+                self._stop_if_diverged(first_bad, bad_loss)
                 step_loss = all_reduce_sum(loss_sum / slots, runtime).item()
-                if not math.isfinite(step_loss):
-                    raise FloatingPointError(f"the loss is {step_loss} at update {update + 1}; lower the lr or clip")
                 now = time.perf_counter()
                 rate = images_since_log / max(now - since_log, 1e-9)
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -464,7 +545,7 @@ class Trainer:
                                    img_per_s=rate))
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
                 since_log, images_since_log = now, 0
-            meter.loss_sum += loss_sum.item() / slots  # local; reduced at the epoch end or a checkpoint
+            meter.loss_sum += local_loss  # local; reduced at the epoch end or a checkpoint
             meter.updates += 1
             bar.update(1)
             self.state.step = step + 1
@@ -518,11 +599,18 @@ class Trainer:
                         f"{prefix}val_top5": result.top5})
         row["val_images"] = evaluated["model"].num_images
         row["val_skipped"] = evaluated["model"].num_skipped
-        best_source = max(evaluated, key=lambda s: evaluated[s].top1)
+        for source, result in evaluated.items():
+            if result.num_nonfinite:
+                log(f"warning: epoch {epoch + 1}: {result.num_nonfinite} of {result.num_images} val images gave "
+                    f"non-finite logits ({'EMA' if source == 'ema' else 'model'}); its accuracy is not recorded "
+                    "and cannot become the best", runtime)
+        # a ranking of NaN logits is no accuracy: only finite evaluations compete for best.safetensors
+        finite = [s for s in evaluated if not evaluated[s].num_nonfinite]
+        best_source = max(finite, key=lambda s: evaluated[s].top1) if finite else "model"
         best = evaluated[best_source]
         extra = dict(epoch=epoch + 1, val_top1=f"{evaluated['model'].top1:.4f}", weights="model")
         self.save_weights("last.safetensors", self.model, extra)
-        if best.top1 > self.state.best_top1:
+        if finite and best.top1 > self.state.best_top1:
             self.state.best_top1, self.state.best_epoch = best.top1, epoch
             weights = self.model if best_source == "model" else self.ema.module  # type: ignore[union-attr]
             self.save_weights("best.safetensors", weights,
@@ -559,15 +647,7 @@ class Trainer:
                         self.cfg.channels_last, progress=self.cfg.progress, desc=desc)
 
 
-# ---- setting up a run directory ----------------------------------------------------------------
-
-
-def check_output(cfg: TrainConfig, resume: bool) -> Path:
-    """Refuse to start a new run over an existing one."""
-    out = Path(cfg.output)  # type: ignore[arg-type]
-    if not resume and (out / STATE_FILE).exists():
-        raise ValueError(f"{str(out)!r} already holds a run; continue it with --resume {out}, or pick another --output")
-    return out
+# ---- the run directory (created and locked by .rundir) ---------------------------------------
 
 
 def write_config(cfg: TrainConfig, runtime: Runtime) -> None:
@@ -589,4 +669,4 @@ def write_config(cfg: TrainConfig, runtime: Runtime) -> None:
     barrier(runtime)
 
 
-__all__ = ["EvalResult", "Trainer", "check_output", "evaluate", "load_initial_weights", "write_config"]
+__all__ = ["EvalResult", "Trainer", "TrainingDiverged", "evaluate", "load_initial_weights", "write_config"]

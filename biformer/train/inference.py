@@ -1,14 +1,14 @@
 """Loading a checkpoint for evaluation or prediction: the model, its preprocessing and class names."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..errors import UserError, UserValueError
 from ..models.biformer import CheckpointMismatchError
 
 
@@ -43,25 +43,46 @@ def load_checkpoint(path: str, model_name: Optional[str] = None, device: torch.d
     saved preprocessing."""
     from timm.data import resolve_data_config
 
-    from ..checkpoint import load_model
+    from ..checkpoint import class_names_of, load_model
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path!r}")
+        raise UserError(f"no checkpoint file at {path!r}")
     try:
         model, info = load_model(path, model_name)
     except CheckpointMismatchError:
         _refuse_other_original_variant(path, model_name)
         raise
-    metadata = read_metadata(path)
+    metadata = info["metadata"]
     overrides: Dict[str, Any] = {}
     if img_size is not None:
         overrides["input_size"] = (3, img_size, img_size)
     if crop_pct is not None:
         overrides["crop_pct"] = crop_pct
     data_cfg = resolve_data_config(pretrained_cfg={**model.pretrained_cfg, **overrides})
-    names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
+    names = class_names_of(path, metadata)
     model.eval().to(device)
     return LoadedCheckpoint(model, info["model_name"], data_cfg, names, metadata)
+
+
+def check_numbers(args: Any, positive: Sequence[str] = (), non_negative: Sequence[str] = (),
+                  fractions: Sequence[str] = ()) -> None:
+    """Refuse a numeric option out of range, naming the flag: ``positive`` (>= 1 or > 0),
+    ``non_negative`` (>= 0), ``fractions`` (in (0, 1]). None means "not given"."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise UserValueError(f"got {flag(name)} {value}, expected a positive number")
+    for name in non_negative:
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            raise UserValueError(f"got {flag(name)} {value}, expected a number >= 0")
+    for name in fractions:
+        value = getattr(args, name)
+        if value is not None and not 0 < value <= 1:
+            raise UserValueError(f"got {flag(name)} {value}, expected a fraction in (0, 1]")
 
 
 def _refuse_other_original_variant(path: str, model_name: Optional[str]) -> None:

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..errors import UserValueError
+
 
 @dataclass
 class Runtime:
@@ -41,10 +43,13 @@ def _env_int(name: str, default: int) -> int:
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:  # torch names every device type it knows: keep the line short
+        raise UserValueError(f"got device={name!r}, expected cpu, cuda, cuda:N or auto") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"got device={name!r} but CUDA is not available here; use --device cpu")
+            raise UserValueError(f"got device={name!r} but CUDA is not available here; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
@@ -78,6 +83,13 @@ def all_reduce_sum(tensor: Tensor, runtime: Runtime) -> Tensor:
     return tensor
 
 
+def all_reduce_min(tensor: Tensor, runtime: Runtime) -> Tensor:
+    """Minimum over ranks (in place); a no-op in one process."""
+    if runtime.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
 def barrier(runtime: Runtime) -> None:
     if runtime.distributed:
         dist.barrier()
@@ -92,7 +104,7 @@ def resolve_amp(mode: str, device: torch.device) -> Optional[torch.dtype]:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if mode == "fp16" and device.type != "cuda":
-        raise ValueError("got amp='fp16' on a CPU; fp16 autocast needs a GPU, use --amp bf16 or none")
+        raise UserValueError("got amp='fp16' on a CPU; fp16 autocast needs a GPU, use --amp bf16 or none")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
