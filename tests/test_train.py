@@ -239,17 +239,17 @@ def test_folder_train_eval_predict_with_corrupt_images(tmp_path: Path, capsys: p
 
     # clear errors: a run directory in use, another model's checkpoint, missing or empty data
     code, _, err = run_cli(tiny_args(data, out), capsys)
-    assert code == 1 and "already holds a run" in err
+    assert code == 2 and "already holds a run" in err
     code, _, err = run_cli(["eval", "--checkpoint", str(out / "best.safetensors"), "--data", str(data),
                             "--model", "biformer_small"], capsys)
-    assert code == 1 and "biformer_tiny" in err and "biformer_small" in err
+    assert code == 2 and "biformer_tiny" in err and "biformer_small" in err
     code, _, err = run_cli(tiny_args(tmp_path / "nowhere", tmp_path / "r2"), capsys)
-    assert code == 1 and "no dataset directory" in err
+    assert code == 2 and "no dataset directory" in err
     (tmp_path / "empty" / "train" / "no_images").mkdir(parents=True)
     code, _, err = run_cli(tiny_args(tmp_path / "empty", tmp_path / "r3"), capsys)
-    assert code == 1 and "no class folders with images" in err
+    assert code == 2 and "no class folders with images" in err
     code, _, err = run_cli(["train", "--resume", str(out), "--epochs", "5"], capsys)
-    assert code == 1 and "cannot change --epochs when resuming" in err
+    assert code == 2 and "cannot change --epochs when resuming" in err
 
 
 # ---- resume --------------------------------------------------------------------------------------
@@ -417,7 +417,7 @@ def test_eval_and_predict_accept_an_original_checkpoint(tmp_path: Path, capsys: 
 
     code, _, err = run_cli(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--model", "biformer_small"],
                            capsys)
-    assert code == 1 and "holds a biformer_tiny checkpoint" in err and "biformer_small" in err
+    assert code == 2 and "holds a biformer_tiny checkpoint" in err and "biformer_small" in err
 
 
 # ---- the README's main job ---------------------------------------------------------------------

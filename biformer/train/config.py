@@ -322,6 +322,15 @@ def validate(cfg: TrainConfig) -> None:
         raise UserValueError(f"got log_interval={cfg.log_interval}, expected a positive integer")
     if cfg.model not in _registered_models():
         raise UserValueError(f"got model={cfg.model!r}, expected one of the BiFormer variants {_registered_models()}")
+    # what is trained must load again: the same rules as a checkpoint's metadata
+    from ..checkpoint import MODEL_KWARG_RULES
+
+    for key, value in cfg.model_kwargs.items():
+        if key not in MODEL_KWARG_RULES:
+            raise UserValueError(f"got model_kwargs.{key}, expected only {sorted(MODEL_KWARG_RULES)}")
+        check, expected = MODEL_KWARG_RULES[key]
+        if not check(value):
+            raise UserValueError(f"got model_kwargs.{key}={value!r}, expected {expected}")
 
 
 def _registered_models() -> List[str]:
