@@ -344,7 +344,7 @@ def test_item08_nan_logits_give_no_accuracy(tmp_path: Path, capsys: pytest.Captu
     assert "warning: epoch 1: 6 of 6 val images gave non-finite logits" in err
     assert not (out / "best.safetensors").exists() and (out / "last.safetensors").exists()
     row = read_rows(out / "metrics.csv")[0]
-    assert math.isnan(float(row["val_top1"])) and math.isnan(float(row["best_top1"]))
+    assert math.isnan(float(row["val_top1"])) and row["best_top1"] == ""  # no best yet
 
 
 def test_item09_one_class_warns(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -465,7 +465,7 @@ CASES: Dict[str, Tuple[Callable[..., List[str]], str, Sequence[str], bool]] = {
     "corrupt-state": (lambda t, d, r, **_: ["train", "--resume", str(_damage_state(copy_run(r, t / "c")))],
                       "train", ["state.pt", "damaged", "--overwrite"], True),
     "convert-to-dir": (lambda t, d, r, **_: ["convert", str(r / "last.safetensors"), str(t)],
-                       "convert", [str(t), "directory"], True),
+                       "convert", ["which is a directory"], True),
     "lr-inf": (lambda t, d, r, **_: tiny_args(d, t / "o", "--lr", "inf"),
                "train", ["diverged at update", "(loss ", "no training state had been saved"], False),
     "predict-batch-0": (lambda t, d, r, **_: ["predict", str(d / "val"), "--checkpoint", str(r / "last.safetensors"),

@@ -615,7 +615,7 @@ class Trainer:
             weights = self.model if best_source == "model" else self.ema.module  # type: ignore[union-attr]
             self.save_weights("best.safetensors", weights,
                               dict(epoch=epoch + 1, val_top1=f"{best.top1:.4f}", weights=best_source))
-        row["best_top1"] = self.state.best_top1
+        row["best_top1"] = self.state.best_top1 if self.state.best_epoch >= 0 else None  # none yet: empty
         self.state.history.append(row)
         self.run_log.epoch(self.state.history)
         ema_note = f" | EMA top-1 {evaluated['ema'].top1:.2f}%" if "ema" in evaluated else ""
