@@ -166,9 +166,9 @@ def test_complexity_text_explains_the_models_choice(capsys: pytest.CaptureFixtur
 
 
 def test_cli_errors_are_clean(capsys: pytest.CaptureFixture) -> None:
-    assert main(["flops", "resnet50"]) == 1
+    assert main(["flops", "resnet50"]) == 2  # a UserError: one line, exit 2
     assert "registered BiFormers" in capsys.readouterr().err
-    assert main(["complexity", "--size", "8", "8", "--channels", "16", "--topk", "100", "--no-plot"]) == 1
+    assert main(["complexity", "--size", "8", "8", "--channels", "16", "--topk", "100", "--no-plot"]) == 2
     assert "topk=100" in capsys.readouterr().err
     report = complexity_report(56, 56, 64, 4)
     assert report.best_dividing_S in dividing_region_counts(56, 56, 4)

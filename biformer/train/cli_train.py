@@ -96,7 +96,7 @@ def load_config(args: argparse.Namespace) -> TrainConfig:
     changed = sorted(k for k in set(overrides) - RESUME_OVERRIDES if overrides[k] != saved.get(k))
     if changed:
         raise UserValueError(f"cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} when resuming; "
-                         f"only {', '.join(sorted(RESUME_OVERRIDES))} may change")
+                             f"only {', '.join(sorted(RESUME_OVERRIDES))} may change")
     cfg = build_config(overrides, base=saved)
     cfg.output = str(run_dir)
     return cfg
@@ -106,21 +106,24 @@ T = TypeVar("T")
 
 
 def _on_main_first(runtime: Any, step: Callable[[], T]) -> Optional[T]:
-    """Run ``step`` on the main process only; if it refuses (a UserError), every rank raises the
-    same error at once instead of waiting for rank 0 in a later collective."""
+    """Run ``step`` on the main process only; if it fails, every rank raises at once instead of
+    waiting for rank 0 in a later collective (a refusal, a UserError, stays one on every rank)."""
     result: Optional[T] = None
-    error: Optional[str] = None
-    failure: Optional[UserError] = None
+    outcome: Optional[tuple] = None  # (is a user error, message) when step failed
+    failure: Optional[BaseException] = None
     if runtime.is_main:
         try:
             result = step()
-        except UserError as e:
-            failure, error = e, str(e)
-    error = _broadcast(error)
+        except Exception as e:
+            failure, outcome = e, (isinstance(e, UserError), f"{type(e).__name__}: {e}")
+    outcome = _broadcast(outcome)
     if failure is not None:
         raise failure
-    if error is not None:
-        raise UserError(error)
+    if outcome is not None:
+        is_user_error, message = outcome
+        if is_user_error:
+            raise UserError(message.split(": ", 1)[1])
+        raise RuntimeError(f"the main process failed to prepare the run folder: {message}")
     return result
 
 
