@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     names = _registered_biformers()
     if args.model not in names:
         raise UserValueError(f"got model {args.model!r}, expected one of the registered BiFormers {names}")
+    if not 0 <= args.num_classes <= 100_000:
+        raise UserValueError(f"got --num-classes {args.num_classes}, expected 0..100000")
     model = timm.create_model(args.model, num_classes=args.num_classes)
     report = count_flops(model, tuple(args.size), model_name=args.model)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
