@@ -88,6 +88,19 @@ def _make_folder(out: Path) -> None:
         raise UserError(f"cannot create the run folder {str(out)!r}: {reason}") from e
 
 
+def _alive_here(info: Dict[str, object]) -> bool:
+    pid = info.get("pid")
+    if info.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def acquire_lock(out: Path, take_over_stale: bool, note: Callable[[str], None]) -> RunLock:
     """Lock ``out`` for this process, or raise :class:`RunFolderBusy` naming the holder."""
     path = out / LOCK_FILE
@@ -107,8 +120,10 @@ def acquire_lock(out: Path, take_over_stale: bool, note: Callable[[str], None]) 
             f"lock {str(path)!r}); wait for it to finish or choose another --output") from None
     stale = _read_holder(handle)
     if stale:
+        # the flock is free, so no run holds the folder; a live pid here was reused, or the folder copied
+        running = " (that pid is alive now, but it holds no lock)" if _alive_here(stale) else ""
         message = (f"a run with {_describe_holder(stale)} stopped without releasing {str(path)!r}; "
-                   "it is not running now")
+                   f"it is not running now{running}")
         if not take_over_stale:
             handle.close()  # releases our flock
             raise UserError(f"{message}; pass --resume {out} to continue it, or --overwrite to start again")
