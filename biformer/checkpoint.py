@@ -430,7 +430,13 @@ def convert(src: PathLike, dst: PathLike, model_name: Optional[str] = None) -> s
     extra = {k: v for k, v in metadata.items() if k not in _OWN_METADATA} if metadata.get("format") == FORMAT else {}
     if "class_names" in extra:
         class_names_of(src, metadata)  # refuse malformed names rather than copy them on
-    save_model(dst, model, info["model_name"], info["model_kwargs"], extra)
+    try:
+        save_model(dst, model, info["model_name"], info["model_kwargs"], extra)
+    except (DiskFullError, IsADirectoryError):
+        raise
+    except OSError as e:  # a parent that is a file, a read-only or missing mount
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(dst) else ""
+        raise UserError(f"cannot write {str(dst)!r}: {e.strerror or e}{where}") from e
     return info["model_name"]
 
 
