@@ -307,15 +307,19 @@ def push_to_hub(
     huggingface_hub's: ``token``, ``HF_TOKEN`` or ``hf auth login``.
     """
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     if repo_id.count("/") > 1 or not repo_id.strip("/"):
         raise UserError(f"got repo_id={repo_id!r}, expected ORG/NAME or NAME")
     with tempfile.TemporaryDirectory(prefix="biformer-hub-") as tmp:
         folder = save_run_pretrained(source, Path(tmp) / "model", repo_id=repo_id)
         api = HfApi(token=token, library_name="biformer")
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                                   commit_message=commit_message)
+        try:
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                                       commit_message=commit_message)
+        except HfHubHTTPError as e:  # no or wrong token, no rights to the organisation, ...
+            raise UserError(f"upload to {repo_id!r} failed: {str(e).splitlines()[0]}") from e
     return str(commit.commit_url)
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import biformer
+import biformer.hub
 from biformer.checkpoint import save_model
 from biformer.cli import main as cli_main
 from biformer.errors import UserError
@@ -162,6 +163,7 @@ class _FakeHub(BaseHTTPRequestHandler):
     """The few Hub endpoints an upload uses; records every request."""
 
     requests: List[Tuple[str, str, bytes]] = []
+    refuse = False  # answer every request 401, as the Hub does for a missing or wrong token
 
     def log_message(self, *args: Any) -> None:  # keep the test output clean
         pass
@@ -177,6 +179,8 @@ class _FakeHub(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.requests.append(("POST", self.path, body))
+        if self.refuse:
+            return self.send_error(401, "Invalid credentials in Authorization header")
         if self.path == "/api/repos/create":
             request = json.loads(body)
             return self._reply({"url": f"http://{self.headers['Host']}/{request['organization']}/{request['name']}"})
@@ -201,6 +205,7 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[List[Tuple[str, str, b
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
     _FakeHub.requests = []
+    _FakeHub.refuse = False
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     endpoint = f"http://127.0.0.1:{server.server_address[1]}"
@@ -236,3 +241,13 @@ def test_push_to_hub_uploads_the_layout(tmp_path: Path, run_dir: Path, fake_hub:
     got = load_file(str(uploaded))
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     assert all(path.startswith("/api/") for _, path, _ in fake_hub)  # nothing went anywhere else
+
+
+def test_push_to_hub_refused_says_so_in_one_line(run_dir: Path, fake_hub: List[Tuple[str, str, bytes]],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    _FakeHub.refuse = True
+    assert cli_main(["push-to-hub", str(run_dir), REPO]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"biformer push-to-hub: error: upload to '{REPO}' failed:") and "\n" not in err, err
+    assert "401" in err
+    assert not any("/commit/" in path for _, path, _ in fake_hub)  # nothing was committed
