@@ -22,6 +22,8 @@ COMMANDS = {
     "bench": ("biformer.bench.cli", "benchmark BRA backends and whole models against baselines"),
     "detect": ("biformer.detection.cli", "object detection: train, eval, predict"),
     "segment": ("biformer.segmentation.cli", "semantic segmentation: train, eval, predict"),
+    "push-to-hub": ("biformer.hub", "share a run or checkpoint on the Hugging Face Hub in timm's layout"),
+    "explore": ("biformer.viz.explore", "write a self-contained HTML page to explore the routing by clicking"),
 }
 
 

@@ -16,6 +16,11 @@ from .ops.regions import IntOrPair
 
 _LAYOUTS = ("NCHW", "NHWC")
 
+# FX: the op (routing, padding, backend choice) and the input check branch on shapes, so a symbolic
+# trace records them as single calls (leaves) instead of tracing into them; autograd passes through.
+torch.fx.wrap("bi_level_routing_attention")
+torch.fx.wrap("_to_nhwc")
+
 
 def _check_layout(layout: str) -> None:
     if layout not in _LAYOUTS:
@@ -152,11 +157,11 @@ class GlobalAttentionLCE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = _to_nhwc(x, self.dim, self.layout)  # (N, H, W, C)
-        n, h, w, c = x.shape
-        qkv = self.qkv(x).view(n, h * w, 3, self.num_heads, c // self.num_heads)
+        # sizes from x.shape as a whole, not unpacked, so an FX trace stays valid for any H x W
+        qkv = self.qkv(x).reshape(x.shape[0], -1, 3, self.num_heads, self.dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, HW, d)
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, HW, d)
-        out = out.transpose(1, 2).reshape(n, h, w, c)
+        out = out.transpose(1, 2).reshape(x.shape)  # (N, HW, heads, d) -> (N, H, W, C)
         if self.lce is not None:
             out = out + self.lce(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         out = self.proj(out)

@@ -57,6 +57,18 @@ class BiFormerBlock(nn.Module):
         return x.add_(self.drop_path(self.mlp(self.norm2(x))))
 
 
+def _check_image(x: Tensor, in_chans: int) -> Tensor:
+    """Return ``x`` if it is a batch of images; an FX leaf (it branches on the shape)."""
+    if x.dim() != 4 or x.shape[1] != in_chans or x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(
+            f"expected images of shape (N, {in_chans}, H, W) with H, W >= 1, got {tuple(x.shape)}"
+        )
+    return x
+
+
+torch.fx.wrap("_check_image")
+
+
 def _conv_bn(in_chs: int, out_chs: int, kernel_size: int, stride: int, norm_first: bool = False) -> nn.Sequential:
     padding = (kernel_size - 1) // 2 if kernel_size % 2 else 0
     conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=padding)
@@ -232,11 +244,8 @@ class BiFormer(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def _check_image(self, x: Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[2] < 1 or x.shape[3] < 1:
-            raise ValueError(
-                f"expected images of shape (N, {self.in_chans}, H, W) with H, W >= 1, got {tuple(x.shape)}"
-            )
+    def _check_image(self, x: Tensor) -> Tensor:
+        return _check_image(x, self.in_chans)
 
     # ---- timm model contract -----------------------------------------------------------------
 
@@ -319,7 +328,7 @@ class BiFormer(nn.Module):
         return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
-        self._check_image(x)
+        x = self._check_image(x)  # kept in an FX graph as a call, so traced models still check
         x = self.stem(x)  # (N, 3, H, W) -> (N, C0, H/4, W/4)
         x = self.stages(x)  # -> (N, C3, H/32, W/32)
         return self.norm(x)

@@ -44,7 +44,9 @@ def load_checkpoint(path: str, model_name: Optional[str] = None, device: torch.d
     from timm.data import resolve_data_config
 
     from ..checkpoint import class_names_of, load_model
+    from ..hub import resolve_checkpoint
 
+    path = resolve_checkpoint(path)  # "hf-hub:ORG/NAME" -> its model.safetensors in the Hugging Face cache
     if not Path(path).is_file():
         raise UserError(f"no checkpoint file at {path!r}")
     try:
