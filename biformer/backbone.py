@@ -220,16 +220,17 @@ def load_image(source: PathLike) -> "Image.Image":  # noqa: F821  (PIL, imported
     """An RGB PIL image from a file, or from one of scikit-image's bundled photos by name (``astronaut``)."""
     from PIL import Image
 
+    from .images import ImageNotFound, open_rgb, to_rgb8
+
     path = Path(source)
     if path.is_file():
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        return open_rgb(path)
     if str(source) in SAMPLE_IMAGES:
         import skimage.data
 
         array = getattr(skimage.data, str(source))()
-        return Image.fromarray(array).convert("RGB")
-    raise FileNotFoundError(
+        return to_rgb8(Image.fromarray(array))
+    raise ImageNotFound(
         f"no image file at {str(source)!r}, and it is not one of scikit-image's sample names {SAMPLE_IMAGES}"
     )
 

@@ -92,3 +92,87 @@ def test_item05_nonfinite_propagation(backend: str, grid: str, tensor: str, valu
         assert torch.equal(out == float("-inf"), expected == float("-inf"))
     finite = out.isfinite() & expected.isfinite()
     torch.testing.assert_close(out[finite], expected[finite], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# item 6: 16-bit images are scaled, not clipped, wherever an image is read
+
+
+def _sixteen_bit_png(path) -> "np.ndarray":
+    """Write a 16-bit greyscale PNG (a 0..65535 ramp) with PIL; return the 8-bit values expected."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 24 * 32).round().astype(np.uint16).reshape(24, 32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(ramp).save(path)
+    with Image.open(path) as check:
+        assert check.mode in ("I;16", "I;16B", "I;16L", "I"), check.mode  # PIL really kept 16 bits
+    return np.rint(ramp / 257.0).astype(np.uint8)
+
+
+def _decode_open_rgb(tmp_path, png):
+    from biformer.images import open_rgb
+
+    return open_rgb(png)
+
+
+def _decode_backbone(tmp_path, png):
+    from biformer.backbone import load_image
+
+    return load_image(png)
+
+
+def _decode_viz(tmp_path, png):
+    from biformer.viz.images import load_image
+
+    return load_image(png)
+
+
+def _decode_train_folder(tmp_path, png):
+    from biformer.train.data import open_source
+
+    return open_source(None, str(tmp_path / "data"), "train").load(0)[0]
+
+
+def _decode_detection(tmp_path, png):
+    import json
+
+    from biformer.detection.data import CocoDetection
+
+    ann = tmp_path / "instances.json"
+    ann.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": png.name, "width": 32, "height": 24}],
+        "annotations": [], "categories": [{"id": 1, "name": "thing"}],
+    }))
+    return (CocoDetection(png.parent, ann).load_image(0) * 255).round().byte().permute(1, 2, 0)
+
+
+def _decode_segmentation(tmp_path, png):
+    import numpy as np
+    from PIL import Image
+
+    from biformer.segmentation.data import SegmentationFolder
+
+    root = tmp_path / "ade"
+    (root / "images" / "training").mkdir(parents=True)
+    (root / "annotations" / "training").mkdir(parents=True)
+    png.rename(root / "images" / "training" / "a.png")
+    Image.fromarray(np.zeros((24, 32), dtype=np.uint8)).save(root / "annotations" / "training" / "a.png")
+    image, _ = SegmentationFolder(root, "training").load(0)
+    return (image * 255).round().byte().permute(1, 2, 0)
+
+
+@pytest.mark.parametrize("decode", [_decode_open_rgb, _decode_backbone, _decode_viz, _decode_train_folder,
+                                    _decode_detection, _decode_segmentation],
+                         ids=["open_rgb", "backbone", "viz", "train_folder", "detection", "segmentation"])
+def test_item06_sixteen_bit_png_scaled(tmp_path, decode) -> None:
+    import numpy as np
+
+    png = tmp_path / "data" / "train" / "ramp" / "ramp.png"
+    expected = _sixteen_bit_png(png)
+    decoded = np.asarray(decode(tmp_path, png))
+    assert decoded.shape == (24, 32, 3) and decoded.dtype == np.uint8
+    for channel in range(3):
+        assert np.abs(decoded[..., channel].astype(int) - expected).max() <= 1
+    assert (decoded == 255).mean() < 0.01  # clipping made 99.6% of pixels white

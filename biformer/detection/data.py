@@ -69,11 +69,10 @@ class CocoDetection(Dataset):
         return [a for a in anns if a["bbox"][2] > 1 and a["bbox"][3] > 1 and a["category_id"] in self._label_of]
 
     def load_image(self, index: int) -> Tensor:
-        from PIL import Image
+        from ..images import open_rgb
 
         info = self.coco.imgs[self.ids[index]]
-        with Image.open(self.images_dir / info["file_name"]) as im:
-            array = np.asarray(im.convert("RGB"))
+        array = np.asarray(open_rgb(self.images_dir / info["file_name"]))
         return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)  # (H, W, 3) -> (3, H, W)
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Dict[str, Tensor]]:

@@ -129,8 +129,9 @@ class SegmentationFolder(Dataset):
         from PIL import Image
 
         image_path, label_path = self.pairs[index]
-        with Image.open(image_path) as im:
-            image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float().div_(255)
+        from ..images import open_rgb
+
+        image = torch.from_numpy(np.asarray(open_rgb(image_path)).copy()).permute(2, 0, 1).float().div_(255)
         with Image.open(label_path) as im:
             label = torch.from_numpy(np.asarray(im).astype(np.int64))
         if label.dim() != 2:

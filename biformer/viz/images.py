@@ -26,19 +26,20 @@ def load_image(image: ImageLike) -> np.ndarray:
 
         array = getattr(data, str(image))()
     else:
+        from ..images import ImageNotFound, open_rgb
+
         path = os.fspath(image)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no image file at {path!r}; expected a file or one of the bundled photos {BUNDLED_IMAGES}")
-        from PIL import Image
-
-        with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"))
+            raise ImageNotFound(f"no image file at {path!r}; expected a file or one of the bundled photos {BUNDLED_IMAGES}")
+        array = np.asarray(open_rgb(path))
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
         raise ValueError(f"got an image of shape {array.shape}, expected (H, W), (H, W, 3) or (H, W, 4)")
     array = array[..., :3]
-    if array.dtype != np.uint8:
+    if array.dtype == np.uint16:  # 16-bit: scale, do not clip
+        array = np.rint(array / 257.0).astype(np.uint8)
+    elif array.dtype != np.uint8:
         scale = 255.0 if array.max() <= 1.0 else 1.0
         array = np.clip(array * scale, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(array)
