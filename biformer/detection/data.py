@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..errors import UserFileNotFoundError, UserValueError
+
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["CocoDetection", "collate"]
@@ -26,7 +28,7 @@ def _quiet_coco(ann_file: PathLike) -> Any:
     from pycocotools.coco import COCO
 
     if not Path(ann_file).is_file():
-        raise FileNotFoundError(f"no COCO annotation file at {str(ann_file)!r}")
+        raise UserFileNotFoundError(f"no COCO annotation file at {str(ann_file)!r}")
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
         return COCO(str(ann_file))
 
@@ -45,18 +47,18 @@ class CocoDetection(Dataset):
     def __init__(self, images_dir: PathLike, ann_file: PathLike, *, train: bool = False, masks: bool = False) -> None:
         self.images_dir = Path(images_dir)
         if not self.images_dir.is_dir():
-            raise FileNotFoundError(f"no images folder at {str(images_dir)!r}")
+            raise UserFileNotFoundError(f"no images folder at {str(images_dir)!r}")
         self.coco = _quiet_coco(ann_file)
         self.category_ids: List[int] = sorted(self.coco.getCatIds())
         if not self.category_ids:
-            raise ValueError(f"{str(ann_file)!r} defines no categories")
+            raise UserValueError(f"{str(ann_file)!r} defines no categories")
         self.class_names: List[str] = [self.coco.cats[c]["name"] for c in self.category_ids]
         self._label_of = {c: i + 1 for i, c in enumerate(self.category_ids)}
         ids = sorted(self.coco.getImgIds())
         if train:
             ids = [i for i in ids if self._annotations(i)]
         if not ids:
-            raise ValueError(f"{str(ann_file)!r} has no {'annotated ' if train else ''}images")
+            raise UserValueError(f"{str(ann_file)!r} has no {'annotated ' if train else ''}images")
         self.ids = ids
         self.train = train
         self.masks = masks

@@ -22,8 +22,10 @@ from typing import Any, Dict
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserFileNotFoundError, UserValueError
 from ..backbone import (SAMPLE_IMAGES, LRSchedule, TrainLoop, build_optimizer, load_image, logged_evaluation,
                         resolve_device)
+from ..resources import check_aspect, check_memory
 from .data import SegmentationFolder, class_names_for, rescale_size
 from .engine import evaluate_miou, overlay, segmentation_losses
 from .models import BUILDERS, load_segmentor, save_segmentor
@@ -85,7 +87,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pr.add_argument("--output", default=None, help="PNG path (default: IMAGE_segmentation.png here)")
     pr.add_argument("--scale", type=int, nargs=2, default=[2048, 512], metavar=("LONG", "SHORT"),
                     help="inference size: the image is rescaled to fit, aspect kept")
+    pr.add_argument("--max-memory-gb", type=float, default=None,
+                    help="refuse inputs estimated to need more memory than this (default: half the RAM)")
     pr.add_argument("--device", default="auto")
+
+
+def _check_scale(scale: Any) -> None:
+    if min(scale) < 32:
+        raise UserValueError(f"got --scale {scale[0]} {scale[1]}, expected two sizes of at least 32 pixels (the total stride)")
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -123,7 +132,7 @@ def _train(args: argparse.Namespace) -> int:
     last, state = out / "last.safetensors", out / "last.train.pt"
     if args.resume:
         if not last.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {str(last)!r}")
+            raise UserFileNotFoundError(f"--resume: no checkpoint at {str(last)!r}")
         model, info = load_segmentor(last)
         builder, names = info["builder"], info["class_names"]
     else:
@@ -179,7 +188,7 @@ def _eval(args: argparse.Namespace) -> int:
     model, info = load_segmentor(args.checkpoint)
     names = info["class_names"]
     if args.num_classes is not None and args.num_classes != len(names):
-        raise ValueError(f"got --num-classes {args.num_classes}, but the checkpoint has {len(names)} classes")
+        raise UserValueError(f"got --num-classes {args.num_classes}, but the checkpoint has {len(names)} classes")
     dataset = SegmentationFolder(args.data, args.split, reduce_zero_label=args.reduce_zero_label, scale=tuple(args.scale))
     metrics = evaluate_miou(model.to(device), dataset, len(names), device, names)
     print(f"{info['builder']} on {len(dataset)} {args.split} images: {_format(metrics)}")
@@ -192,8 +201,11 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from torchvision.transforms.functional import pil_to_tensor
 
+    _check_scale(args.scale)
     device = resolve_device(args.device)
-    image = pil_to_tensor(load_image(args.image))  # (3, H, W) uint8
+    pil = load_image(args.image)
+    check_aspect(pil.width, pil.height)
+    image = pil_to_tensor(pil)  # (3, H, W) uint8
     if args.checkpoint:
         model, info = load_segmentor(args.checkpoint)
         names = info["class_names"]
@@ -202,10 +214,11 @@ def _predict(args: argparse.Namespace) -> int:
               "meaningless; train one with `biformer segment train`")
         model = BUILDERS[args.model](backbone=args.backbone, num_classes=150)
         names = class_names_for(None, 150)
-    model.to(device).eval()
     height, width = image.shape[1:]
-    x = F.interpolate(image[None].float().div(255), size=rescale_size(height, width, tuple(args.scale)),
-                      mode="bilinear", align_corners=False)
+    size = rescale_size(height, width, tuple(args.scale))
+    check_memory(model, *size, args.max_memory_gb)
+    model.to(device).eval()
+    x = F.interpolate(image[None].float().div(255), size=size, mode="bilinear", align_corners=False)
     logits = model(x.to(device))  # (1, K, h, w)
     prediction = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0].argmax(0).cpu()
     path = Path(args.output or f"{Path(str(args.image)).stem}_segmentation.png")
