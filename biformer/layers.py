@@ -130,7 +130,7 @@ class BiLevelRoutingAttention(nn.Module):
             if topk > rows * cols:
                 raise UserValueError(
                     f"got topk={topk} but the map has only {rows * cols} regions (n_win={n_win!r}); "
-                    f"expected 1 <= topk <= {rows * cols}"
+                    f"expected 1 <= topk <= {rows * cols}, or n_win >= {math.ceil(math.sqrt(topk))} for topk={topk}"
                 )
         if qk_scale is not None and not (isinstance(qk_scale, (int, float)) and math.isfinite(qk_scale) and qk_scale > 0):
             raise UserValueError(f"got qk_scale={qk_scale!r}, expected a finite number > 0 (or None for qk_dim ** -0.5)")

@@ -16,21 +16,51 @@ so the largest layer counts, plus 64 floats per input pixel for the input, the d
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
-from typing import Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch.nn as nn
 
 from .errors import UserValueError
 
-__all__ = ["MAX_ASPECT", "check_aspect", "default_memory_limit_gb", "estimate_inference_bytes", "check_memory"]
+__all__ = ["MAX_ASPECT", "check_aspect", "check_arguments", "default_memory_limit_gb", "estimate_inference_bytes",
+           "check_memory", "json_argument"]
 
 # longest / shortest side beyond which an image cannot sensibly be cut into n_win x n_win regions
 MAX_ASPECT = 16.0
 _STAGE = re.compile(r"stages\.(\d+)\.blocks\.\d+\.")
 _BYTES_PER_FLOAT = 4
+
+
+def check_arguments(args: Any, *, positive: Sequence[str] = (), non_negative: Sequence[str] = (),
+                    at_least_32: Sequence[str] = ()) -> None:
+    """Refuse command-line numbers out of range, naming the flag (``--batch-size 0``); None means "default"."""
+    for names, ok, expected in ((positive, lambda v: v > 0, "a positive number"),
+                                (non_negative, lambda v: v >= 0, "0 or more"),
+                                (at_least_32, lambda v: v >= 32, "at least 32 pixels (the total stride)")):
+        for name in names:
+            value = getattr(args, name, None)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for v in values:
+                if v is not None and (not math.isfinite(v) or not ok(v)):
+                    flag = "--" + name.replace("_", "-")
+                    raise UserValueError(f"got {flag} {' '.join(map(str, values))}, expected {expected}")
+
+
+def json_argument(text: Optional[str], flag: str) -> Dict[str, Any]:
+    """A ``--*-kwargs`` JSON object from the command line ({} for None)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserValueError(f"got {flag} {text!r}, which is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UserValueError(f"got {flag} {text!r}, expected a JSON object such as '{{\"depths\": [1, 1, 2, 1]}}'")
+    return value
 
 
 def check_aspect(width: int, height: int, what: str = "image") -> None:

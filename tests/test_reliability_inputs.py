@@ -176,3 +176,163 @@ def test_item06_sixteen_bit_png_scaled(tmp_path, decode) -> None:
     for channel in range(3):
         assert np.abs(decoded[..., channel].astype(int) - expected).max() <= 1
     assert (decoded == 255).mean() < 0.01  # clipping made 99.6% of pixels white
+
+
+def _assert_one_error_line(stderr: str, command: str, message: str) -> None:
+    """stderr ends in exactly one ``biformer CMD: error: ...`` line holding ``message``, and has no traceback
+    (a line before it may be the untrained-model warning)."""
+    lines = stderr.strip().splitlines()
+    errors = [line for line in lines if "error:" in line]
+    assert "Traceback" not in stderr and len(errors) == 1 and errors[0] == lines[-1], stderr
+    assert lines[-1].startswith(f"biformer {command}: error: ") and message in lines[-1], lines[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# item 11: inference inputs are bounded before anything of their size is allocated
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["visualize", "--image", "{thin}", "--output", "{out}"], "aspect ratio 1000:1"),
+        (["visualize", "--image", "chelsea", "--size", "100000", "--output", "{out}"], "--max-memory-gb"),
+        (["visualize", "--image", "chelsea", "--size", "2240", "--max-memory-gb", "0.5", "--output", "{out}"],
+         "over the limit of 0.5 GB"),
+        (["detect", "predict", "{thin}", "--backbone", "biformer_tiny", "--model", "retinanet", "--output", "{out}"],
+         "aspect ratio 1000:1"),
+        (["detect", "predict", "chelsea", "--backbone", "biformer_tiny", "--model", "retinanet",
+          "--max-memory-gb", "0.01", "--output", "{out}"], "over the limit of 0.0 GB"),
+        (["segment", "predict", "{thin}", "--backbone", "biformer_tiny", "--output", "{out}"], "aspect ratio 1000:1"),
+        (["segment", "predict", "chelsea", "--backbone", "biformer_tiny", "--scale", "100000", "100000",
+          "--output", "{out}"], "--max-memory-gb"),
+    ],
+    ids=["viz_thin", "viz_size_100000", "viz_limit_flag", "detect_thin", "detect_limit_flag", "segment_thin",
+         "segment_scale_100000"],
+)
+def test_item11_inference_size_bounded(tmp_path, capsys, argv, message: str) -> None:
+    import resource
+
+    import numpy as np
+    from PIL import Image
+
+    from biformer.cli import main
+
+    thin = tmp_path / "thin.png"
+    Image.fromarray(np.full((1, 1000, 3), 128, dtype=np.uint8)).save(thin)
+    out = tmp_path / "out.png"
+    argv = [a.format(thin=thin, out=out) for a in argv]
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    assert main(argv) == 2
+    _assert_one_error_line(capsys.readouterr().err, argv[0], message)
+    assert not out.exists()
+    # refused before allocating: the process grew by well under a gigabyte
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 1_000_000
+
+
+
+# ------------------------------------------------------------------------------------------------
+# item 13: user errors of visualize, detect and segment end in one error line with status 2
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    """Files for the error cases: images that are not images, COCO JSON gone wrong, a corrupt label PNG."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "text.png").write_text("not an image")
+    whole = tmp_path / "whole.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(whole)
+    (tmp_path / "truncated.png").write_bytes(whole.read_bytes()[:300])
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 50, "height": 40}],
+            "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10], "area": 100, "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "list.json").write_text(json.dumps([coco]))
+    (tmp_path / "nocat.json").write_text(json.dumps({**coco, "categories": []}))
+    (tmp_path / "broken.json").write_text('{"images": [')
+    outside = dict(coco, annotations=[{"id": 9, "image_id": 1, "category_id": 1, "bbox": [60, 50, 10, 10],
+                                       "area": 100, "iscrowd": 0}])
+    (tmp_path / "outside.json").write_text(json.dumps(outside))
+    # an ADE20K-style folder whose one label PNG is corrupt, and a segmentor checkpoint for it
+    for split in ("images", "annotations"):
+        (tmp_path / "ade" / split / "validation").mkdir(parents=True)
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "ade" / "images" / "validation" / "a.jpg")
+    (tmp_path / "ade" / "annotations" / "validation" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    return tmp_path
+
+
+def _segmentor_checkpoint(path) -> None:
+    from biformer.segmentation.models import BUILDERS, save_segmentor
+
+    model = BUILDERS["semantic_fpn"](backbone="biformer_tiny", num_classes=3, n_win=4,
+                                     backbone_kwargs={"depths": [1, 1, 1, 1]})
+    save_segmentor(path, model, ["a", "b", "c"])
+
+
+_NO_CKPT = ["--backbone", "biformer_tiny"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["visualize", "--image", "{d}/text.png", "--output", "{d}/o.png"], "not an image"),
+        (["visualize", "--image", "{d}/truncated.png", "--output", "{d}/o.png"], "truncated.png"),
+        (["visualize", "--image", "{d}/missing.png", "--output", "{d}/o.png"], "missing.png"),
+        (["detect", "predict", "{d}/text.png", "--model", "retinanet", *_NO_CKPT], "not an image"),
+        (["detect", "predict", "{d}/truncated.png", "--model", "retinanet", *_NO_CKPT], "truncated.png"),
+        (["detect", "predict", "{d}/missing.png", "--model", "retinanet", *_NO_CKPT], "missing.png"),
+        (["segment", "predict", "{d}/text.png", *_NO_CKPT], "not an image"),
+        (["segment", "predict", "{d}/truncated.png", *_NO_CKPT], "truncated.png"),
+        (["segment", "predict", "{d}/missing.png", *_NO_CKPT], "missing.png"),
+        (["detect", "train", "--images", "{d}/img", "--annotations", "{d}/list.json", "--output", "{d}/run"],
+         "list.json' holds a JSON list"),
+        (["detect", "train", "--images", "{d}/img", "--annotations", "{d}/nocat.json", "--output", "{d}/run"],
+         "defines no categories"),
+        (["detect", "eval", "--checkpoint", "{d}/none.safetensors", "--images", "{d}/img", "--annotations",
+          "{d}/nocat.json"], "defines no categories"),
+        (["detect", "train", "--images", "{d}/img", "--annotations", "{d}/broken.json", "--output", "{d}/run"],
+         "broken.json' is not valid JSON"),
+        (["detect", "eval", "--checkpoint", "{d}/none.safetensors", "--images", "{d}/img", "--annotations",
+          "{d}/broken.json"], "broken.json' is not valid JSON"),
+        (["detect", "train", "--images", "{d}/img", "--annotations", "{d}/outside.json", "--output", "{d}/run"],
+         "annotation 9"),
+        (["segment", "eval", "--checkpoint", "{d}/seg.safetensors", "--data", "{d}/ade", "--workers", "0",
+          "--no-reduce-zero-label"], "cannot read label PNG"),
+        (["detect", "train", "--images", "{d}/img", "--annotations", "{d}/list.json", "--output", "{d}/run",
+          "--batch-size", "0"], "--batch-size 0"),
+        (["detect", "train", "--images", "{d}/img", "--annotations", "{d}/list.json", "--output", "{d}/run",
+          "--min-size", "0"], "--min-size 0"),
+        (["detect", "train", "--images", "{d}/img", "--annotations", "{d}/list.json", "--output", "{d}/run",
+          "--backbone-kwargs", "[depths"], "--backbone-kwargs"),
+        (["detect", "eval", "--checkpoint", "x", "--images", "{d}/img", "--annotations", "{d}/list.json",
+          "--workers", "-1"], "--workers -1"),
+        (["detect", "predict", "chelsea", "--max-detections", "0"], "--max-detections 0"),
+        (["detect", "demo-data", "{d}/demo", "--num-train", "0"], "--num-train 0"),
+        (["segment", "train", "--data", "{d}/ade", "--output", "{d}/run", "--batch-size", "-2"], "--batch-size -2"),
+        (["segment", "train", "--data", "{d}/ade", "--output", "{d}/run", "--crop-size", "0"], "--crop-size 0"),
+        (["segment", "predict", "chelsea", "--scale", "0", "512"], "--scale 0 512"),
+        (["visualize", "--image", "chelsea", "--size", "-5", "--output", "{d}/o.png"], "--size -5"),
+        (["visualize", "--image", "chelsea", "--head", "9", "--output", "{d}/o.png"], "got head=9"),
+        (["visualize", "--image", "chelsea", "--stage", "7", "--output", "{d}/o.png"], "stage"),
+    ],
+    ids=["viz_not_image", "viz_truncated", "viz_missing", "detect_not_image", "detect_truncated", "detect_missing",
+         "segment_not_image", "segment_truncated", "segment_missing", "coco_list", "coco_no_categories_train",
+         "coco_no_categories_eval", "coco_malformed_train", "coco_malformed_eval", "box_outside_image",
+         "corrupt_label_png", "detect_batch_size_0", "detect_min_size_0", "detect_bad_kwargs_json",
+         "detect_workers_negative", "detect_max_detections_0", "detect_demo_num_train_0", "segment_batch_size_negative",
+         "segment_crop_size_0", "segment_scale_0", "viz_size_negative", "viz_head_out_of_range", "viz_stage_7"],
+)
+def test_item13_user_errors_are_one_line(bad_inputs, capsys, monkeypatch, argv, message: str) -> None:
+    from biformer.cli import main
+
+    if "{d}/seg.safetensors" in argv:
+        _segmentor_checkpoint(bad_inputs / "seg.safetensors")
+    monkeypatch.chdir(bad_inputs)  # predict writes its default output here
+    argv = [a.replace("{d}", str(bad_inputs)) for a in argv]
+    assert main(argv) == 2
+    _assert_one_error_line(capsys.readouterr().err, argv[0], message)
+    assert not (bad_inputs / "run").exists()  # refused before a run folder was made

@@ -22,8 +22,8 @@ import torch
 from ..errors import UserFileNotFoundError, UserValueError
 from ..backbone import (SAMPLE_IMAGES, LRSchedule, TrainLoop, build_optimizer, load_image, logged_evaluation,
                         resolve_device)
-from ..resources import check_aspect, check_memory
-from .data import CocoDetection, collate
+from ..resources import check_arguments, check_aspect, check_memory, json_argument
+from .data import CocoDetection, _read_coco_json, collate
 from .engine import COCO_METRICS, detection_losses, draw_detections, evaluate_coco
 from .models import BUILDERS, load_detector, save_detector
 
@@ -106,6 +106,11 @@ def _format(metrics: Dict[str, float]) -> str:
 def _train(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
+    check_arguments(args, positive=("n_win", "epochs", "steps", "batch_size", "lr", "log_every"),
+                    non_negative=("drop_path", "weight_decay", "warmup_steps", "workers", "milestones"),
+                    at_least_32=("min_size", "max_size"))
+    backbone_kwargs = json_argument(args.backbone_kwargs, "--backbone-kwargs")
+    model_kwargs = json_argument(args.model_kwargs, "--model-kwargs")
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     out = Path(args.output)
@@ -133,8 +138,8 @@ def _train(args: argparse.Namespace) -> int:
             drop_path_rate=args.drop_path,
             min_size=args.min_size,
             max_size=args.max_size,
-            backbone_kwargs=json.loads(args.backbone_kwargs) if args.backbone_kwargs else None,
-            **(json.loads(args.model_kwargs) if args.model_kwargs else {}),
+            backbone_kwargs=backbone_kwargs or None,
+            **model_kwargs,
         )
     model.to(device)
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
@@ -167,6 +172,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    check_arguments(args, non_negative=("workers",))
+    _read_coco_json(args.annotations)  # a broken annotation file is named before the checkpoint loads
     device = resolve_device(args.device)
     model, info = load_detector(args.checkpoint)
     dataset = CocoDetection(args.images, args.annotations, masks=info["builder"] == "mask_rcnn")
@@ -186,6 +193,7 @@ def _predict(args: argparse.Namespace) -> int:
     from torchvision.transforms.functional import pil_to_tensor
 
     _set_output_limits(None, args.score_threshold, args.max_detections)  # check the numbers before any work
+    check_arguments(args, positive=("max_memory_gb",))
     device = resolve_device(args.device)
     pil = load_image(args.image)
     check_aspect(pil.width, pil.height)
@@ -242,6 +250,7 @@ def _set_output_limits(model: Optional[torch.nn.Module], score_threshold: float,
 
 
 def _demo_data(args: argparse.Namespace) -> int:
+    check_arguments(args, positive=("num_train", "num_val"))
     from .synthetic import write_coco_shapes
 
     paths = write_coco_shapes(args.root, num_train=args.num_train, num_val=args.num_val, seed=args.seed)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..errors import UserFileNotFoundError, UserValueError
 from ..backbone import (SAMPLE_IMAGES, LRSchedule, TrainLoop, build_optimizer, load_image, logged_evaluation,
                         resolve_device)
-from ..resources import check_aspect, check_memory
+from ..resources import check_arguments, check_aspect, check_memory, json_argument
 from .data import SegmentationFolder, class_names_for, rescale_size
 from .engine import evaluate_miou, overlay, segmentation_losses
 from .models import BUILDERS, load_segmentor, save_segmentor
@@ -92,11 +92,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pr.add_argument("--device", default="auto")
 
 
-def _check_scale(scale: Any) -> None:
-    if min(scale) < 32:
-        raise UserValueError(f"got --scale {scale[0]} {scale[1]}, expected two sizes of at least 32 pixels (the total stride)")
-
-
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=None,
                         help="default: the lines of ROOT/classes.txt, else 150 (ADE20K)")
@@ -126,6 +121,12 @@ def _num_classes(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
+    check_arguments(args, positive=("n_win", "steps", "batch_size", "lr", "eval_every", "save_every", "log_every",
+                                    "num_classes"),
+                    non_negative=("drop_path", "weight_decay", "warmup_steps", "workers"),
+                    at_least_32=("crop_size", "scale"))
+    backbone_kwargs = json_argument(args.backbone_kwargs, "--backbone-kwargs")
+    model_kwargs = json_argument(args.model_kwargs, "--model-kwargs")
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     out = Path(args.output)
@@ -153,8 +154,8 @@ def _train(args: argparse.Namespace) -> int:
             pretrained_backbone=args.pretrained_backbone,
             n_win=args.n_win,
             drop_path_rate=recipe["drop_path"],
-            backbone_kwargs=json.loads(args.backbone_kwargs) if args.backbone_kwargs else None,
-            **(json.loads(args.model_kwargs) if args.model_kwargs else {}),
+            backbone_kwargs=backbone_kwargs or None,
+            **model_kwargs,
         )
     model.to(device)
     loader = DataLoader(train_set, batch_size=recipe["batch_size"], shuffle=True, num_workers=args.workers,
@@ -184,6 +185,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    check_arguments(args, positive=("num_classes",), non_negative=("workers",), at_least_32=("scale",))
     device = resolve_device(args.device)
     model, info = load_segmentor(args.checkpoint)
     names = info["class_names"]
@@ -201,7 +203,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from torchvision.transforms.functional import pil_to_tensor
 
-    _check_scale(args.scale)
+    check_arguments(args, at_least_32=("scale",), positive=("max_memory_gb",))
     device = resolve_device(args.device)
     pil = load_image(args.image)
     check_aspect(pil.width, pil.height)
@@ -231,6 +233,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _demo_data(args: argparse.Namespace) -> int:
+    check_arguments(args, positive=("num_train", "num_val"))
     from .synthetic import write_ade_shapes
 
     root = write_ade_shapes(args.root, num_train=args.num_train, num_val=args.num_val, seed=args.seed)

@@ -133,8 +133,11 @@ class SegmentationFolder(Dataset):
         from ..images import open_rgb
 
         image = torch.from_numpy(np.asarray(open_rgb(image_path)).copy()).permute(2, 0, 1).float().div_(255)
-        with Image.open(label_path) as im:
-            label = torch.from_numpy(np.asarray(im).astype(np.int64))
+        try:
+            with Image.open(label_path) as im:
+                label = torch.from_numpy(np.asarray(im).astype(np.int64))  # indices: never rescaled
+        except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's errors for damaged files
+            raise UserValueError(f"cannot read label PNG {str(label_path)!r}: {type(e).__name__}: {e}") from None
         if label.dim() != 2:
             raise UserValueError(f"{str(label_path)!r} has shape {tuple(label.shape)}; expected a single-channel label PNG")
         if label.shape != image.shape[1:]:

@@ -88,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     from .figures import UNTRAINED_NOTE, UntrainedModelWarning, visualize_queries, visualize_routing_frequency
 
+    from ..resources import check_arguments
+
+    check_arguments(args, at_least_32=("size",), positive=("max_memory_gb",))
     model, name, untrained = _load(args)
     if untrained:
         print(f"warning: no --checkpoint, so {name} has random weights. {UNTRAINED_NOTE}.", file=sys.stderr)
