@@ -29,6 +29,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm2d
 from torch import Tensor
 
+from .errors import UserFileNotFoundError, UserValueError
 from .checkpoint import FORMAT, CheckpointError, atomic_write, read_state_dict, save_model
 from .models.biformer import MODEL_ARGS, BiFormer, CheckpointMismatchError, checkpoint_filter_fn
 
@@ -117,12 +118,12 @@ class BiFormerBackbone(nn.Module):
     ) -> None:
         super().__init__()
         if model_name not in MODEL_ARGS:
-            raise ValueError(f"got model_name={model_name!r}, expected one of {sorted(MODEL_ARGS)}")
+            raise UserValueError(f"got model_name={model_name!r}, expected one of {sorted(MODEL_ARGS)}")
         out_indices = tuple(sorted(set(out_indices)))
         if not out_indices or any(i not in range(4) for i in out_indices):
-            raise ValueError(f"got out_indices={out_indices}, expected a non-empty subset of (0, 1, 2, 3)")
+            raise UserValueError(f"got out_indices={out_indices}, expected a non-empty subset of (0, 1, 2, 3)")
         if not -1 <= frozen_stages <= 4:
-            raise ValueError(f"got frozen_stages={frozen_stages}, expected -1 (none) to 4 (all)")
+            raise UserValueError(f"got frozen_stages={frozen_stages}, expected -1 (none) to 4 (all)")
         import timm
 
         model: BiFormer = timm.create_model(
@@ -202,7 +203,7 @@ def _check_topk_fits(model: nn.Module) -> None:
         if isinstance(m, BiLevelRoutingAttention) and m.n_win is not None:
             rows, cols = (m.n_win, m.n_win) if isinstance(m.n_win, int) else m.n_win
             if m.topk > rows * cols:
-                raise ValueError(
+                raise UserValueError(
                     f"got n_win={m.n_win}: {name} routes to topk={m.topk} regions but the grid has only "
                     f"{rows * cols}; use n_win >= {math.ceil(math.sqrt(m.topk))} or smaller topks"
                 )
@@ -220,16 +221,17 @@ def load_image(source: PathLike) -> "Image.Image":  # noqa: F821  (PIL, imported
     """An RGB PIL image from a file, or from one of scikit-image's bundled photos by name (``astronaut``)."""
     from PIL import Image
 
+    from .images import ImageNotFound, open_rgb, to_rgb8
+
     path = Path(source)
     if path.is_file():
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        return open_rgb(path)
     if str(source) in SAMPLE_IMAGES:
         import skimage.data
 
         array = getattr(skimage.data, str(source))()
-        return Image.fromarray(array).convert("RGB")
-    raise FileNotFoundError(
+        return to_rgb8(Image.fromarray(array))
+    raise ImageNotFound(
         f"no image file at {str(source)!r}, and it is not one of scikit-image's sample names {SAMPLE_IMAGES}"
     )
 
@@ -257,7 +259,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"got device={name!r}, but CUDA is not available here; use --device cpu")
+        raise UserValueError(f"got device={name!r}, but CUDA is not available here; use --device cpu")
     return device
 
 
@@ -381,7 +383,7 @@ class TrainLoop:
         ``loader``, restarting it as often as the schedule needs."""
         if resume:
             if not self.resume():
-                raise FileNotFoundError(f"--resume: no optimizer state at {str(self.state_path)!r}")
+                raise UserFileNotFoundError(f"--resume: no optimizer state at {str(self.state_path)!r}")
             self.log(f"resumed at step {self.step}")
 
         def batches() -> Iterator[Any]:

@@ -13,3 +13,7 @@ class UserError(Exception):
 
 class UserValueError(UserError, ValueError):
     """A :class:`UserError` that is also a ``ValueError``, for APIs that document ``ValueError``."""
+
+
+class UserFileNotFoundError(UserError, FileNotFoundError):
+    """A :class:`UserError` for a missing file or folder the user named; also a ``FileNotFoundError``."""

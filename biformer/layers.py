@@ -4,6 +4,7 @@ Both only project and call a functional op; the routing and attention live in :m
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -11,8 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import UserValueError
 from .ops import bi_level_routing_attention
 from .ops.regions import IntOrPair
+
+DEFAULT_N_WIN = 7
 
 _LAYOUTS = ("NCHW", "NHWC")
 
@@ -24,7 +28,7 @@ torch.fx.wrap("_to_nhwc")
 
 def _check_layout(layout: str) -> None:
     if layout not in _LAYOUTS:
-        raise ValueError(f"got layout={layout!r}, expected one of {_LAYOUTS}")
+        raise UserValueError(f"got layout={layout!r}, expected one of {_LAYOUTS}")
 
 
 def _to_nhwc(x: Tensor, dim: int, layout: str) -> Tensor:
@@ -39,6 +43,30 @@ def _to_nhwc(x: Tensor, dim: int, layout: str) -> Tensor:
     if x.shape[-2] == 0 or x.shape[-3 if layout == "NHWC" else -1] == 0:
         raise ValueError(f"got an empty spatial size in input of shape {tuple(x.shape)} ({layout})")
     return x.permute(0, 2, 3, 1) if layout == "NCHW" else x
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if not _is_int(value) or value < 1:  # type: ignore[operator]
+        raise UserValueError(f"got {name}={value!r}, expected a positive integer")
+
+
+def _check_side_dwconv(side_dwconv: object) -> None:
+    # an even kernel with padding k//2 grows the map by one pixel, so the sum with attention fails
+    if not _is_int(side_dwconv) or side_dwconv < 0 or (side_dwconv > 0 and side_dwconv % 2 == 0):  # type: ignore[operator]
+        raise UserValueError(
+            f"got side_dwconv={side_dwconv!r}, expected 0 (no local context enhancement) or an odd kernel size"
+        )
+
+
+def _check_grid_pair(name: str, value: IntOrPair) -> tuple:
+    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
+    if len(pair) != 2 or not all(_is_int(v) and v >= 1 for v in pair):
+        raise UserValueError(f"got {name}={value!r}, expected a positive integer or a pair of them")
+    return pair
 
 
 def _depthwise(dim: int, kernel_size: int) -> Optional[nn.Conv2d]:
@@ -57,14 +85,16 @@ class BiLevelRoutingAttention(nn.Module):
     Args:
         dim: input and output channels.
         num_heads: attention heads (must divide ``dim`` and ``qk_dim``).
-        n_win: regions per side.
+        n_win: regions per side (an int or a pair); default 7 unless ``region_size`` is given.
         topk: regions each query region attends to.
         side_dwconv: kernel of the local context enhancement (LCE), a depthwise conv on V whose
-            output is added to the attention output; 0 disables it.
+            output is added to the attention output; 0 disables it. Must be odd (an even kernel
+            would change the map size).
         qk_dim: width of queries and keys (default ``dim``).
-        region_size: tokens per region side; when given it replaces ``n_win``.
+        region_size: tokens per region side, instead of ``n_win`` (giving both is refused).
         qkv_bias: bias of the q/k/v projection.
-        qk_scale: logit scale; default ``qk_dim ** -0.5`` (the whole width, as in the original).
+        qk_scale: logit scale, finite and > 0; default ``qk_dim ** -0.5`` (the whole width, as in
+            the original).
         layout: ``"NCHW"`` or ``"NHWC"``.
         backend: attention backend of :func:`biformer.ops.bi_level_routing_attention`.
     """
@@ -73,7 +103,7 @@ class BiLevelRoutingAttention(nn.Module):
         self,
         dim: int,
         num_heads: int = 8,
-        n_win: int = 7,
+        n_win: Optional[IntOrPair] = None,
         topk: int = 4,
         side_dwconv: int = 5,
         *,
@@ -86,18 +116,36 @@ class BiLevelRoutingAttention(nn.Module):
     ) -> None:
         super().__init__()
         _check_layout(layout)
-        qk_dim = qk_dim or dim
+        _check_positive_int("dim", dim)
+        _check_positive_int("num_heads", num_heads)
+        if qk_dim is not None:
+            _check_positive_int("qk_dim", qk_dim)
+        qk_dim = dim if qk_dim is None else qk_dim
         if qk_dim % num_heads or dim % num_heads:
-            raise ValueError(f"got num_heads={num_heads}, which must divide dim={dim} and qk_dim={qk_dim}")
-        if topk < 1:
-            raise ValueError(f"got topk={topk}, expected a positive number of routed regions")
+            raise UserValueError(f"got num_heads={num_heads}, which must divide dim={dim} and qk_dim={qk_dim}")
+        _check_positive_int("topk", topk)
+        _check_side_dwconv(side_dwconv)
+        if n_win is not None and region_size is not None:
+            raise UserValueError(f"got n_win={n_win!r} and region_size={region_size!r}; give at most one of them")
+        if region_size is not None:
+            _check_grid_pair("region_size", region_size)
+        else:
+            n_win = DEFAULT_N_WIN if n_win is None else n_win
+            rows, cols = _check_grid_pair("n_win", n_win)
+            if topk > rows * cols:
+                raise UserValueError(
+                    f"got topk={topk} but the map has only {rows * cols} regions (n_win={n_win!r}); "
+                    f"expected 1 <= topk <= {rows * cols}, or n_win >= {math.ceil(math.sqrt(topk))} for topk={topk}"
+                )
+        if qk_scale is not None and not (isinstance(qk_scale, (int, float)) and math.isfinite(qk_scale) and qk_scale > 0):
+            raise UserValueError(f"got qk_scale={qk_scale!r}, expected a finite number > 0 (or None for qk_dim ** -0.5)")
         self.dim = dim
         self.qk_dim = qk_dim
         self.num_heads = num_heads
-        self.n_win = None if region_size is not None else n_win
+        self.n_win = n_win
         self.region_size = region_size
         self.topk = topk
-        self.scale = qk_scale or qk_dim ** -0.5
+        self.scale = float(qk_scale) if qk_scale is not None else qk_dim ** -0.5
         self.layout = layout
         self.backend = backend
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim, bias=qkv_bias)
@@ -146,8 +194,11 @@ class GlobalAttentionLCE(nn.Module):
     ) -> None:
         super().__init__()
         _check_layout(layout)
+        _check_positive_int("dim", dim)
+        _check_positive_int("num_heads", num_heads)
         if dim % num_heads:
-            raise ValueError(f"got num_heads={num_heads}, which must divide dim={dim}")
+            raise UserValueError(f"got num_heads={num_heads}, which must divide dim={dim}")
+        _check_side_dwconv(side_dwconv)
         self.dim = dim
         self.num_heads = num_heads
         self.layout = layout

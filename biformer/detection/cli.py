@@ -15,13 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from ..errors import UserFileNotFoundError, UserValueError
 from ..backbone import (SAMPLE_IMAGES, LRSchedule, TrainLoop, build_optimizer, load_image, logged_evaluation,
                         resolve_device)
-from .data import CocoDetection, collate
+from ..resources import check_arguments, check_aspect, check_memory, json_argument
+from .data import CocoDetection, _read_coco_json, collate
 from .engine import COCO_METRICS, detection_losses, draw_detections, evaluate_coco
 from .models import BUILDERS, load_detector, save_detector
 
@@ -82,6 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pr.add_argument("--score-threshold", type=float, default=0.5,
                     help="draw detections scoring at least this (also lowers the model's own 0.05 cut-off)")
     pr.add_argument("--max-detections", type=int, default=100, help="keep at most this many per image")
+    pr.add_argument("--max-memory-gb", type=float, default=None,
+                    help="refuse inputs estimated to need more memory than this (default: half the RAM)")
     pr.add_argument("--device", default="auto")
 
 
@@ -102,13 +106,18 @@ def _format(metrics: Dict[str, float]) -> str:
 def _train(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
+    check_arguments(args, positive=("n_win", "epochs", "steps", "batch_size", "lr", "log_every"),
+                    non_negative=("drop_path", "weight_decay", "warmup_steps", "workers", "milestones"),
+                    at_least_32=("min_size", "max_size"))
+    backbone_kwargs = json_argument(args.backbone_kwargs, "--backbone-kwargs")
+    model_kwargs = json_argument(args.model_kwargs, "--model-kwargs")
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     out = Path(args.output)
     last, state = out / "last.safetensors", out / "last.train.pt"
     if args.resume:
         if not last.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {str(last)!r}")
+            raise UserFileNotFoundError(f"--resume: no checkpoint at {str(last)!r}")
         model, info = load_detector(last)
         builder = info["builder"]
     else:
@@ -118,7 +127,7 @@ def _train(args: argparse.Namespace) -> int:
     val_set = None
     if args.val_images or args.val_annotations:
         if not (args.val_images and args.val_annotations):
-            raise ValueError("give both --val-images and --val-annotations, or neither")
+            raise UserValueError("give both --val-images and --val-annotations, or neither")
         val_set = CocoDetection(args.val_images, args.val_annotations, masks=masks)
     if not args.resume:
         model = BUILDERS[builder](
@@ -129,8 +138,8 @@ def _train(args: argparse.Namespace) -> int:
             drop_path_rate=args.drop_path,
             min_size=args.min_size,
             max_size=args.max_size,
-            backbone_kwargs=json.loads(args.backbone_kwargs) if args.backbone_kwargs else None,
-            **(json.loads(args.model_kwargs) if args.model_kwargs else {}),
+            backbone_kwargs=backbone_kwargs or None,
+            **model_kwargs,
         )
     model.to(device)
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
@@ -163,11 +172,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    check_arguments(args, non_negative=("workers",))
+    _read_coco_json(args.annotations)  # a broken annotation file is named before the checkpoint loads
     device = resolve_device(args.device)
     model, info = load_detector(args.checkpoint)
     dataset = CocoDetection(args.images, args.annotations, masks=info["builder"] == "mask_rcnn")
     if dataset.class_names != info["class_names"]:
-        raise ValueError(f"the annotations' classes {dataset.class_names[:5]}... differ from the checkpoint's "
+        raise UserValueError(f"the annotations' classes {dataset.class_names[:5]}... differ from the checkpoint's "
                          f"{info['class_names'][:5]}...")
     metrics = evaluate_coco(model.to(device), dataset, device, verbose=args.verbose)
     print(f"{info['builder']} on {len(dataset)} images:\n{_format(metrics)}")
@@ -181,8 +192,11 @@ def _predict(args: argparse.Namespace) -> int:
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
+    _set_output_limits(None, args.score_threshold, args.max_detections)  # check the numbers before any work
+    check_arguments(args, positive=("max_memory_gb",))
     device = resolve_device(args.device)
     pil = load_image(args.image)
+    check_aspect(pil.width, pil.height)
     if args.checkpoint:
         model, info = load_detector(args.checkpoint)
         names = info["class_names"]
@@ -192,6 +206,7 @@ def _predict(args: argparse.Namespace) -> int:
         model = BUILDERS[args.model](backbone=args.backbone, num_classes=80)
         names = [f"class {i}" for i in range(1, 81)]
     _set_output_limits(model, args.score_threshold, args.max_detections)
+    check_memory(model, *_resized(model, pil.height, pil.width), args.max_memory_gb)
     model.to(device).eval()
     image = pil_to_tensor(pil)  # (3, H, W) uint8
     output = model([image.float().div(255).to(device)])[0]
@@ -212,12 +227,22 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _set_output_limits(model: torch.nn.Module, score_threshold: float, max_detections: int) -> None:
-    """Make the detector itself keep what predict is asked to draw (torchvision cuts at 0.05 and 100)."""
+def _resized(model: torch.nn.Module, height: int, width: int) -> Tuple[int, int]:
+    """The size torchvision's transform resizes an image to: short side to min_size, long side at most max_size."""
+    transform = model.transform
+    scale = min(max(transform.min_size) / min(height, width), transform.max_size / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _set_output_limits(model: Optional[torch.nn.Module], score_threshold: float, max_detections: int) -> None:
+    """Make the detector itself keep what predict is asked to draw (torchvision cuts at 0.05 and 100);
+    with ``model=None``, only check the values."""
     if not 0 <= score_threshold <= 1:
-        raise ValueError(f"got --score-threshold {score_threshold}, expected a score in [0, 1]")
+        raise UserValueError(f"got --score-threshold {score_threshold}, expected a score in [0, 1]")
     if max_detections < 1:
-        raise ValueError(f"got --max-detections {max_detections}, expected at least 1")
+        raise UserValueError(f"got --max-detections {max_detections}, expected at least 1")
+    if model is None:
+        return
     # Mask R-CNN keeps its limits in roi_heads; RetinaNet on the model itself
     holder = getattr(model, "roi_heads", model)
     holder.score_thresh = min(holder.score_thresh, score_threshold)
@@ -225,6 +250,7 @@ def _set_output_limits(model: torch.nn.Module, score_threshold: float, max_detec
 
 
 def _demo_data(args: argparse.Namespace) -> int:
+    check_arguments(args, positive=("num_train", "num_val"))
     from .synthetic import write_coco_shapes
 
     paths = write_coco_shapes(args.root, num_train=args.num_train, num_val=args.num_val, seed=args.seed)

@@ -25,6 +25,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from ..errors import UserValueError
 from ..backbone import BiFormerBackbone, PathLike, load_task_model, save_task_model
 
 __all__ = ["BiFormerFPN", "BiFormerRetinaNet", "retinanet", "mask_rcnn", "BUILDERS", "save_detector", "load_detector"]
@@ -49,7 +50,7 @@ class BiFormerFPN(nn.Module):
     ) -> None:
         super().__init__()
         if not set(in_levels) <= set(backbone.out_indices):
-            raise ValueError(f"got in_levels={tuple(in_levels)}, but the backbone outputs stages {backbone.out_indices}")
+            raise UserValueError(f"got in_levels={tuple(in_levels)}, but the backbone outputs stages {backbone.out_indices}")
         self.body = backbone
         self.in_levels = tuple(in_levels)
         self._take = [backbone.out_indices.index(i) for i in self.in_levels]
@@ -62,7 +63,7 @@ class BiFormerFPN(nn.Module):
         elif extra is None:
             extra_block = None
         else:
-            raise ValueError(f"got extra={extra!r}, expected 'pool', 'p6p7' or None")
+            raise UserValueError(f"got extra={extra!r}, expected 'pool', 'p6p7' or None")
         self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_block)
         self.out_channels = out_channels
 
@@ -140,7 +141,7 @@ def retinanet(
     fpn = BiFormerFPN(body, in_levels=(1, 2, 3), out_channels=fpn_channels, extra="p6p7")
     detector_kwargs.setdefault("detections_per_img", 100)
     if detector_kwargs.get("score_thresh", 0.05) < 0:
-        raise ValueError(f"got score_thresh={detector_kwargs['score_thresh']}, expected a score >= 0")
+        raise UserValueError(f"got score_thresh={detector_kwargs['score_thresh']}, expected a score >= 0")
     # torchvision's convention: labels 1..K, with slot 0 reserved (never reported, see BiFormerRetinaNet)
     model = BiFormerRetinaNet(fpn, num_classes + 1, min_size=min_size, max_size=max_size, **detector_kwargs)
     return _record(model, "retinanet", kwargs)

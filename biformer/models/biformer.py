@@ -114,7 +114,7 @@ class BiFormerStage(nn.Module):
             if topk is None:
                 return GlobalAttentionLCE(dim, num_heads=8, side_dwconv=side_dwconv)
             return BiLevelRoutingAttention(
-                dim, num_heads=num_heads, n_win=n_win or 7, topk=topk, side_dwconv=side_dwconv,
+                dim, num_heads=num_heads, n_win=None if region_size is not None else n_win, topk=topk, side_dwconv=side_dwconv,
                 qk_dim=qk_dim, region_size=region_size, layout="NHWC", backend=bra_backend,
             )
 

@@ -31,6 +31,7 @@ from torch import Tensor
 from . import regions
 from .errors import BackendUnavailable
 from .flex import flex_backend
+from .nonfinite import may_be_nonfinite, nonfinite_term, sanitise
 from .regions import IntOrPair, RegionGrid, Routing, from_regions, resolve_grid, route, to_regions
 
 __all__ = [
@@ -124,13 +125,21 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: int, sca
     c_v = v.shape[-1]
     p, t, topk = grid.num_regions, grid.region_tokens, routing.indices.shape[-1]
     h = num_heads
+    # what a kernel may hide of reference's NaN/inf (see biformer.ops.nonfinite)
+    term = nonfinite_term(q, k, v, routing, num_heads, keep_inf_keys=True) if may_be_nonfinite(q, k, v) else None
 
     rows = region_token_index(grid, q.device)[routing.indices]  # (N, P, k, T)
     rows = (rows + torch.arange(n, device=q.device).view(n, 1, 1, 1) * (height * width)).reshape(-1)
+    if grid.is_padded:  # padded slots read an appended zero row: an inf key would leak through the mask
+        slot_valid = grid.token_valid(q.device)[routing.indices].reshape(-1)  # (N*P*k*T,)
+        rows = torch.where(slot_valid, rows, n * height * width)
 
     def routed(x: Tensor) -> Tensor:  # (N, H, W, C) -> (N*P, h, k*T, C/h)
         c = x.shape[-1]
-        return x.reshape(n * height * width, c).index_select(0, rows).view(n * p, topk * t, h, c // h).transpose(1, 2)
+        flat = x.reshape(n * height * width, c)
+        if grid.is_padded:
+            flat = torch.cat([flat, flat.new_zeros(1, c)])  # (N*H*W + 1, C)
+        return flat.index_select(0, rows).view(n * p, topk * t, h, c // h).transpose(1, 2)
 
     q_regions = regions.pad_map(q, grid).reshape(n, grid.rows, grid.region_h, grid.cols, grid.region_w, c_qk)
     q_regions = q_regions.permute(0, 1, 3, 2, 4, 5).reshape(n * p, t, h, c_qk // h).transpose(1, 2)  # (N*P, h, T, dq)
@@ -141,7 +150,8 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: int, sca
     # out: (N*P, h, T, dv), laid out in memory as (N*P, T, h, dv) because q was
     out = out.transpose(1, 2).reshape(n, grid.rows, grid.cols, grid.region_h, grid.region_w, c_v)
     out = out.permute(0, 1, 3, 2, 4, 5).reshape(n, grid.padded_h, grid.padded_w, c_v)
-    return out[:, :height, :width] if grid.is_padded else out
+    out = out[:, :height, :width] if grid.is_padded else out
+    return out if term is None else out + term
 
 
 def dense_routing_mask(routing: Routing) -> Tensor:
@@ -158,12 +168,18 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: int, sc
     """Attention over the whole (unpadded) map, with the routing as a token mask. No copies, no padding."""
     n, height, width, _ = q.shape
     h = num_heads
+    # the mask is added to every logit of the map, so no non-finite key may reach the kernel
+    term = None
+    if may_be_nonfinite(q, k, v):
+        term = nonfinite_term(q, k, v, routing, num_heads, keep_inf_keys=False)
+        q, k, v = sanitise(q), sanitise(k), sanitise(v)
 
     def heads(x: Tensor) -> Tensor:  # (N, H, W, C) -> (N, h, HW, C/h), a view
         return x.reshape(n, height * width, h, x.shape[-1] // h).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=dense_routing_mask(routing), scale=scale)
-    return out.transpose(1, 2).reshape(n, height, width, v.shape[-1])  # (N, h, HW, dv) -> (N, H, W, C_v)
+    out = out.transpose(1, 2).reshape(n, height, width, v.shape[-1])  # (N, h, HW, dv) -> (N, H, W, C_v)
+    return out if term is None else out + term
 
 
 Backend = Callable[[Tensor, Tensor, Tensor, Routing, int, float], Tensor]

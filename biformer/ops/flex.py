@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .errors import BackendUnavailable
+from .nonfinite import may_be_nonfinite, nonfinite_term
 from .regions import Routing, from_regions, to_regions
 
 try:  # FlexAttention arrived in torch 2.5
@@ -119,6 +120,8 @@ def flex_backend(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: i
         return to_regions(x, grid, h).transpose(1, 2).reshape(n, h, p * t, x.shape[-1] // h)
 
     check_flex(q, k, v, num_heads)
+    # compiled flex returns finite numbers for a NaN query: the term puts reference's NaN/inf back
+    term = nonfinite_term(q, k, v, routing, num_heads, keep_inf_keys=True) if may_be_nonfinite(q, k, v) else None
     block_mask = routing_block_mask(routing)
     try:
         out = _compiled_flex()(region_major(q), region_major(k), region_major(v), block_mask=block_mask, scale=scale)
@@ -132,4 +135,5 @@ def flex_backend(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: i
         _disable(f"a flex_attention compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         raise BackendUnavailable(f"backend 'flex' failed to compile for this input: {type(e).__name__}: {e}") from e
     out = out.view(n, h, p, t, -1).transpose(1, 2)  # (N, h, P*T, d) -> (N, P, h, T, d)
-    return from_regions(out, grid)
+    out = from_regions(out, grid)
+    return out if term is None else out + term

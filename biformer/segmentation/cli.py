@@ -22,8 +22,10 @@ from typing import Any, Dict
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserFileNotFoundError, UserValueError
 from ..backbone import (SAMPLE_IMAGES, LRSchedule, TrainLoop, build_optimizer, load_image, logged_evaluation,
                         resolve_device)
+from ..resources import check_arguments, check_aspect, check_memory, json_argument
 from .data import SegmentationFolder, class_names_for, rescale_size
 from .engine import evaluate_miou, overlay, segmentation_losses
 from .models import BUILDERS, load_segmentor, save_segmentor
@@ -85,6 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pr.add_argument("--output", default=None, help="PNG path (default: IMAGE_segmentation.png here)")
     pr.add_argument("--scale", type=int, nargs=2, default=[2048, 512], metavar=("LONG", "SHORT"),
                     help="inference size: the image is rescaled to fit, aspect kept")
+    pr.add_argument("--max-memory-gb", type=float, default=None,
+                    help="refuse inputs estimated to need more memory than this (default: half the RAM)")
     pr.add_argument("--device", default="auto")
 
 
@@ -117,13 +121,19 @@ def _num_classes(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
+    check_arguments(args, positive=("n_win", "steps", "batch_size", "lr", "eval_every", "save_every", "log_every",
+                                    "num_classes"),
+                    non_negative=("drop_path", "weight_decay", "warmup_steps", "workers"),
+                    at_least_32=("crop_size", "scale"))
+    backbone_kwargs = json_argument(args.backbone_kwargs, "--backbone-kwargs")
+    model_kwargs = json_argument(args.model_kwargs, "--model-kwargs")
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     out = Path(args.output)
     last, state = out / "last.safetensors", out / "last.train.pt"
     if args.resume:
         if not last.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {str(last)!r}")
+            raise UserFileNotFoundError(f"--resume: no checkpoint at {str(last)!r}")
         model, info = load_segmentor(last)
         builder, names = info["builder"], info["class_names"]
     else:
@@ -144,8 +154,8 @@ def _train(args: argparse.Namespace) -> int:
             pretrained_backbone=args.pretrained_backbone,
             n_win=args.n_win,
             drop_path_rate=recipe["drop_path"],
-            backbone_kwargs=json.loads(args.backbone_kwargs) if args.backbone_kwargs else None,
-            **(json.loads(args.model_kwargs) if args.model_kwargs else {}),
+            backbone_kwargs=backbone_kwargs or None,
+            **model_kwargs,
         )
     model.to(device)
     loader = DataLoader(train_set, batch_size=recipe["batch_size"], shuffle=True, num_workers=args.workers,
@@ -175,11 +185,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    check_arguments(args, positive=("num_classes",), non_negative=("workers",), at_least_32=("scale",))
     device = resolve_device(args.device)
     model, info = load_segmentor(args.checkpoint)
     names = info["class_names"]
     if args.num_classes is not None and args.num_classes != len(names):
-        raise ValueError(f"got --num-classes {args.num_classes}, but the checkpoint has {len(names)} classes")
+        raise UserValueError(f"got --num-classes {args.num_classes}, but the checkpoint has {len(names)} classes")
     dataset = SegmentationFolder(args.data, args.split, reduce_zero_label=args.reduce_zero_label, scale=tuple(args.scale))
     metrics = evaluate_miou(model.to(device), dataset, len(names), device, names)
     print(f"{info['builder']} on {len(dataset)} {args.split} images: {_format(metrics)}")
@@ -192,8 +203,11 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from torchvision.transforms.functional import pil_to_tensor
 
+    check_arguments(args, at_least_32=("scale",), positive=("max_memory_gb",))
     device = resolve_device(args.device)
-    image = pil_to_tensor(load_image(args.image))  # (3, H, W) uint8
+    pil = load_image(args.image)
+    check_aspect(pil.width, pil.height)
+    image = pil_to_tensor(pil)  # (3, H, W) uint8
     if args.checkpoint:
         model, info = load_segmentor(args.checkpoint)
         names = info["class_names"]
@@ -202,10 +216,11 @@ def _predict(args: argparse.Namespace) -> int:
               "meaningless; train one with `biformer segment train`")
         model = BUILDERS[args.model](backbone=args.backbone, num_classes=150)
         names = class_names_for(None, 150)
-    model.to(device).eval()
     height, width = image.shape[1:]
-    x = F.interpolate(image[None].float().div(255), size=rescale_size(height, width, tuple(args.scale)),
-                      mode="bilinear", align_corners=False)
+    size = rescale_size(height, width, tuple(args.scale))
+    check_memory(model, *size, args.max_memory_gb)
+    model.to(device).eval()
+    x = F.interpolate(image[None].float().div(255), size=size, mode="bilinear", align_corners=False)
     logits = model(x.to(device))  # (1, K, h, w)
     prediction = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0].argmax(0).cpu()
     path = Path(args.output or f"{Path(str(args.image)).stem}_segmentation.png")
@@ -218,6 +233,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _demo_data(args: argparse.Namespace) -> int:
+    check_arguments(args, positive=("num_train", "num_val"))
     from .synthetic import write_ade_shapes
 
     root = write_ade_shapes(args.root, num_train=args.num_train, num_val=args.num_val, seed=args.seed)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..errors import UserFileNotFoundError, UserValueError
 from .models import IGNORE_INDEX, IMAGENET_MEAN
 
 PathLike = Union[str, os.PathLike]
@@ -63,7 +64,7 @@ def class_names_for(root: Optional[PathLike], num_classes: Optional[int] = None)
     if root is not None and (Path(root) / "classes.txt").is_file():
         names = [line.strip() for line in (Path(root) / "classes.txt").read_text().splitlines() if line.strip()]
         if num_classes is not None and len(names) != num_classes:
-            raise ValueError(f"{Path(root) / 'classes.txt'} names {len(names)} classes, expected {num_classes}")
+            raise UserValueError(f"{Path(root) / 'classes.txt'} names {len(names)} classes, expected {num_classes}")
         return names
     if num_classes is None or num_classes == len(ADE20K_CLASSES):
         return list(ADE20K_CLASSES)
@@ -80,15 +81,15 @@ def _pairs(root: Path, split: str) -> List[Tuple[Path, Path]]:
     image_dir, label_dir = root / "images" / split, root / "annotations" / split
     for d in (image_dir, label_dir):
         if not d.is_dir():
-            raise FileNotFoundError(f"no folder {str(d)!r}; expected ROOT/images/{split} and ROOT/annotations/{split}")
+            raise UserFileNotFoundError(f"no folder {str(d)!r}; expected ROOT/images/{split} and ROOT/annotations/{split}")
     pairs, missing = [], []
     for image in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         label = label_dir / f"{image.stem}.png"
         (pairs if label.is_file() else missing).append((image, label))
     if missing:
-        raise FileNotFoundError(f"{len(missing)} images have no label PNG, e.g. {str(missing[0][1])!r}")
+        raise UserFileNotFoundError(f"{len(missing)} images have no label PNG, e.g. {str(missing[0][1])!r}")
     if not pairs:
-        raise FileNotFoundError(f"no images in {str(image_dir)!r}")
+        raise UserFileNotFoundError(f"no images in {str(image_dir)!r}")
     return pairs
 
 
@@ -129,14 +130,18 @@ class SegmentationFolder(Dataset):
         from PIL import Image
 
         image_path, label_path = self.pairs[index]
-        with Image.open(image_path) as im:
-            image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float().div_(255)
-        with Image.open(label_path) as im:
-            label = torch.from_numpy(np.asarray(im).astype(np.int64))
+        from ..images import open_rgb
+
+        image = torch.from_numpy(np.asarray(open_rgb(image_path)).copy()).permute(2, 0, 1).float().div_(255)
+        try:
+            with Image.open(label_path) as im:
+                label = torch.from_numpy(np.asarray(im).astype(np.int64))  # indices: never rescaled
+        except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's errors for damaged files
+            raise UserValueError(f"cannot read label PNG {str(label_path)!r}: {type(e).__name__}: {e}") from None
         if label.dim() != 2:
-            raise ValueError(f"{str(label_path)!r} has shape {tuple(label.shape)}; expected a single-channel label PNG")
+            raise UserValueError(f"{str(label_path)!r} has shape {tuple(label.shape)}; expected a single-channel label PNG")
         if label.shape != image.shape[1:]:
-            raise ValueError(f"{str(label_path)!r} is {tuple(label.shape)} but its image is {tuple(image.shape[1:])}")
+            raise UserValueError(f"{str(label_path)!r} is {tuple(label.shape)} but its image is {tuple(image.shape[1:])}")
         if self.reduce_zero_label:
             label = torch.where((label == 0) | (label == IGNORE_INDEX), IGNORE_INDEX, label - 1)
         return image, label

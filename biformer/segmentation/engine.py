@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UserValueError
 from .models import IGNORE_INDEX
 
 __all__ = ["segmentation_losses", "confusion_matrix", "metrics_from_confusion", "evaluate_miou", "overlay"]
@@ -35,7 +36,7 @@ def confusion_matrix(pred: Tensor, label: Tensor, num_classes: int) -> Tensor:
     valid = label != IGNORE_INDEX
     if (label[valid] >= num_classes).any() or (label[valid] < 0).any():
         bad = label[valid][(label[valid] >= num_classes) | (label[valid] < 0)][0].item()
-        raise ValueError(f"got label {bad} but the model has {num_classes} classes (0..{num_classes - 1}, 255 ignored); "
+        raise UserValueError(f"got label {bad} but the model has {num_classes} classes (0..{num_classes - 1}, 255 ignored); "
                          "check --reduce-zero-label / --num-classes")
     index = label[valid] * num_classes + pred[valid]
     return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes).cpu()

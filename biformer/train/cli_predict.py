@@ -45,8 +45,7 @@ def find_images(inputs: List[str]) -> List[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from PIL import Image
-
+    from ..images import open_rgb
     from .engine import log
     from .data import eval_transform
     from .inference import check_numbers, display_names, load_checkpoint
@@ -63,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
     skipped: List[Dict[str, str]] = []
     for path in find_images(args.images):
         try:
-            with Image.open(path) as img:
-                readable.append((path, transform(img.convert("RGB"))))
+            readable.append((path, transform(open_rgb(path))))  # 16-bit images scaled, not clipped
         except Exception as e:  # a damaged file is reported, not fatal
             skipped.append({"path": str(path), "error": f"{type(e).__name__}: {e}"})
             log(f"warning: skipped unreadable image {path} ({type(e).__name__}: {e})")

@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Uni
 import numpy as np
 import torch
 from PIL import Image
+
+from ..images import open_rgb, to_rgb8
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -107,10 +109,9 @@ class TimmReaderSource(ImageSource):
     def load(self, index: int) -> Tuple[Image.Image, int]:
         img, target, *_ = self.reader[index]
         if isinstance(img, Image.Image):
-            return img.convert("RGB"), int(target)
+            return to_rgb8(img), int(target)
         try:
-            with Image.open(img) as opened:
-                return opened.convert("RGB"), int(target)  # decodes every pixel: truncated data raises here
+            return open_rgb(img), int(target)  # decodes every pixel: truncated data raises here
         finally:
             if hasattr(img, "close"):
                 img.close()
@@ -136,7 +137,7 @@ class TorchDatasetSource(ImageSource):
         img, target = self.dataset[index][:2]
         if not isinstance(img, Image.Image):
             img = Image.fromarray(np.asarray(img))
-        return img.convert("RGB"), int(target)
+        return to_rgb8(img), int(target)
 
 
 def _folder_classes(split_dir: Path) -> List[str]:

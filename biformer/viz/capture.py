@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..errors import UserValueError
 from ..layers import BiLevelRoutingAttention
 from ..ops import RegionGrid, resolve_grid, route, routed_attention_weights
 from ..ops.regions import Routing
@@ -80,13 +81,13 @@ class RoutingCapture:
         self.model = model
         self._modules = routed_layers(model)
         if not self._modules:
-            raise ValueError(f"{type(model).__name__} has no BiLevelRoutingAttention layer to capture")
+            raise UserValueError(f"{type(model).__name__} has no BiLevelRoutingAttention layer to capture")
         if isinstance(attention, bool):
             self._attention_for = set(self._modules) if attention else set()
         else:
             unknown = sorted(set(attention) - set(self._modules))
             if unknown:
-                raise ValueError(f"got attention layers {unknown}, expected names among {list(self._modules)}")
+                raise UserValueError(f"got attention layers {unknown}, expected names among {list(self._modules)}")
             self._attention_for = set(attention)
         self.layers: Dict[str, CapturedLayer] = {}
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
@@ -132,17 +133,17 @@ class RoutingCapture:
         """Module name of block ``block`` (negative counts from the end) of routed stage ``stage`` (1-based)."""
         names = [n for n in self._modules if stage_and_block(n)[0] == stage]
         if not names:
-            raise ValueError(
+            raise UserValueError(
                 f"got stage={stage}, which has no routed attention layer; routed stages are {self.stages()} "
                 "(stages are numbered from 1; the last stage of BiFormer uses global attention, no routing)"
             )
         if not -len(names) <= block < len(names):
-            raise ValueError(f"got block={block} but stage {stage} has {len(names)} blocks (0..{len(names) - 1}, or -1 for the last)")
+            raise UserValueError(f"got block={block} but stage {stage} has {len(names)} blocks (0..{len(names) - 1}, or -1 for the last)")
         return names[block]
 
     def layer(self, stage: int, block: int = -1) -> CapturedLayer:
         """The captured layer at ``stage`` (1-based) and ``block`` (negative counts from the end)."""
         name = self.layer_name(stage, block)
         if name not in self.layers:
-            raise ValueError(f"layer {name} has not run yet; call the model inside the `with RoutingCapture(...)` block")
+            raise UserValueError(f"layer {name} has not run yet; call the model inside the `with RoutingCapture(...)` block")
         return self.layers[name]

@@ -15,6 +15,7 @@ import sys
 import warnings
 from typing import Any, Dict, List, Tuple
 
+from ..errors import UserValueError
 from .images import BUNDLED_IMAGES
 
 
@@ -42,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: how often each region is routed to, over all query regions, per routed stage")
     parser.add_argument("--size", type=int, default=224, help="shorter side of the model input (default: 224); both sides are rounded to a multiple of "
                              "112 for n_win=7 models, so every routed stage splits into 7x7 regions without padding")
+    parser.add_argument("--max-memory-gb", type=float, default=None,
+                        help="refuse inputs estimated to need more memory than this (default: half the RAM)")
     parser.add_argument("--output", required=True, help="output PNG")
     parser.add_argument("--json", action="store_true", help="print the routing numbers as JSON")
 
@@ -59,7 +62,7 @@ def _load(args: argparse.Namespace) -> Tuple[Any, str, bool]:
 
     name = args.model or "biformer_tiny"
     if name not in timm.list_models("biformer*"):
-        raise ValueError(f"got --model {name!r}, expected one of {timm.list_models('biformer*')}")
+        raise UserValueError(f"got --model {name!r}, expected one of {timm.list_models('biformer*')}")
     return timm.create_model(name), name, True
 
 
@@ -85,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     from .figures import UNTRAINED_NOTE, UntrainedModelWarning, visualize_queries, visualize_routing_frequency
 
+    from ..resources import check_arguments
+
+    check_arguments(args, at_least_32=("size",), positive=("max_memory_gb",))
     model, name, untrained = _load(args)
     if untrained:
         print(f"warning: no --checkpoint, so {name} has random weights. {UNTRAINED_NOTE}.", file=sys.stderr)
@@ -92,10 +98,11 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", UntrainedModelWarning)  # said once above, in words
         if args.all_queries:
             result = visualize_routing_frequency(model, args.image, block=args.block, size=args.size,
-                                                 untrained=untrained, name=name)
+                                                 untrained=untrained, name=name, max_memory_gb=args.max_memory_gb)
         else:
             result = visualize_queries(model, args.image, queries=args.query, stage=args.stage, block=args.block,
-                                       head=args.head, size=args.size, untrained=untrained, name=name)
+                                       head=args.head, size=args.size, untrained=untrained, name=name,
+                                       max_memory_gb=args.max_memory_gb)
     result.figure.savefig(args.output)
     out: Dict[str, Any] = {"output": args.output, "model": name, **result.to_dict()}
     if args.json:

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..errors import UserValueError
 from ..ops import RegionGrid
 from .capture import CapturedLayer, RoutingCapture, routed_layers, stage_and_block
-from .images import ImageLike, load_image, model_input, to_input_coords
+from .images import ImageLike, input_size, load_image, model_input, to_input_coords
 
 __all__ = [
     "QueryView",
@@ -140,11 +141,18 @@ def input_multiple(model: nn.Module) -> int:
     return math.lcm(*multiples) if multiples else 32
 
 
-def _prepare(model: nn.Module, image: ImageLike, size: int) -> Tuple[np.ndarray, torch.Tensor, np.ndarray]:
+def _prepare(model: nn.Module, image: ImageLike, size: int,
+             max_memory_gb: Optional[float] = None) -> Tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    from ..resources import check_aspect, check_memory
+
     original = load_image(image)
+    check_aspect(original.shape[1], original.shape[0])
+    multiple = input_multiple(model)
+    height, width = input_size(original.shape[:2], size, multiple)
+    check_memory(model, height, width, max_memory_gb)  # before anything of that size exists
     cfg = getattr(model, "pretrained_cfg", None) or {}
     x, shown = model_input(original, size, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)),
-                           multiple=input_multiple(model))
+                           multiple=multiple)
     return original, x, shown
 
 
@@ -232,9 +240,9 @@ def _check_head(head: HeadChoice, heads: int) -> HeadChoice:
     try:
         index = int(head)
     except (TypeError, ValueError):
-        raise ValueError(f"got head={head!r}, expected 'mean', 'all' or a head index 0..{heads - 1}") from None
+        raise UserValueError(f"got head={head!r}, expected 'mean', 'all' or a head index 0..{heads - 1}") from None
     if not 0 <= index < heads:
-        raise ValueError(f"got head={index}, but the layer has {heads} heads (0..{heads - 1})")
+        raise UserValueError(f"got head={index}, but the layer has {heads} heads (0..{heads - 1})")
     return index
 
 
@@ -280,6 +288,7 @@ def visualize_queries(
     size: int = 224,
     untrained: bool = False,
     name: Optional[str] = None,
+    max_memory_gb: Optional[float] = None,
 ) -> QueryVisualization:
     """Where each query point routes and attends at one BRA layer (the paper's Fig. 4/6).
 
@@ -293,9 +302,11 @@ def visualize_queries(
         size: shorter side of the model input (rounded to a multiple of 32).
         untrained: the model has random weights; the figure says so and a warning is issued.
         name: the model's name for the title (default: its class name).
+        max_memory_gb: refuse inputs estimated to need more (default: half the RAM); see
+            :mod:`biformer.resources`. Images more elongated than 16:1 are refused too.
     """
     _warn_untrained(untrained)
-    original, x, shown = _prepare(model, image, size)
+    original, x, shown = _prepare(model, image, size, max_memory_gb)
     probe = RoutingCapture(model, attention=False)
     layer_name = probe.layer_name(stage, block)
     capture = _forward(model, x, attention=[layer_name])
@@ -372,13 +383,14 @@ def visualize_routing_frequency(
     size: int = 224,
     untrained: bool = False,
     name: Optional[str] = None,
+    max_memory_gb: Optional[float] = None,
 ) -> RoutingFrequency:
     """How often each region is routed to, over all query regions, at block ``block`` of every routed
     stage; statistics (:func:`routing_statistics`) are averaged over all blocks of each stage."""
     from matplotlib import colormaps
 
     _warn_untrained(untrained)
-    _, x, shown = _prepare(model, image, size)
+    _, x, shown = _prepare(model, image, size, max_memory_gb)
     capture = _forward(model, x, attention=False)
     stages = capture.stages()
     frequency, stats, grids = {}, {}, {}
