@@ -1,0 +1,38 @@
+"""``sdpa``: routed K/V rows indexed straight from the image-order maps, then fused SDPA."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..gather import query_regions, regions_to_map, routed_key_valid, routed_rows
+from ..regions import RegionGrid, Routing
+
+NAME = "sdpa"
+
+
+def sdpa_backend(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: int, scale: float) -> Tensor:
+    """One ``index_select`` per K and V does both the region cut and the routing gather, and its
+    backward is one index-add into an image-sized buffer. Every tensor handed to SDPA keeps a
+    contiguous last dimension (SDPA's fast CPU kernel needs it).
+    """
+    grid = routing.grid
+    n, height, width, _ = q.shape
+    p, t, topk, h = grid.num_regions, grid.region_tokens, routing.indices.shape[-1], num_heads
+    rows = routed_rows(routing, n)  # (N*P*k*T,)
+
+    def routed(x: Tensor) -> Tensor:  # (N, H, W, C) -> (N*P, h, k*T, C/h)
+        c = x.shape[-1]
+        return x.reshape(n * height * width, c).index_select(0, rows).view(n * p, topk * t, h, c // h).transpose(1, 2)
+
+    mask = routed_key_valid(routing, q.device)
+    if mask is not None:
+        mask = mask.view(n * p, 1, 1, topk * t)
+    out = F.scaled_dot_product_attention(query_regions(q, grid, h), routed(k), routed(v), attn_mask=mask, scale=scale)
+    return regions_to_map(out, grid, n)  # (N*P, h, T, dv) -> (N, H, W, C_v)
+
+
+def can_run(q: Optional[Tensor], k: Optional[Tensor], v: Optional[Tensor], grid: Optional[RegionGrid],
+            topk: Optional[int], num_heads: Optional[int]) -> Optional[str]:
+    return None  # SDPA has a kernel for every device, dtype and mode
