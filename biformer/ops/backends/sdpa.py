@@ -6,6 +6,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..compiled import routed_sdpa_op, use_compiled_ops
 from ..gather import query_regions, regions_to_map, routed_key_valid, routed_rows
 from ..regions import RegionGrid, Routing
 
@@ -16,7 +17,12 @@ def sdpa_backend(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: i
     """One ``index_select`` per K and V does both the region cut and the routing gather, and its
     backward is one index-add into an image-sized buffer. Every tensor handed to SDPA keeps a
     contiguous last dimension (SDPA's fast CPU kernel needs it).
+
+    Under ``torch.compile`` on the CPU the same code runs as one opaque custom op
+    (:func:`biformer.ops.compiled.routed_sdpa_op`): inductor's own lowering of it is slower.
     """
+    if use_compiled_ops(q):
+        return routed_sdpa_op(q, k, v, routing, num_heads, scale)
     grid = routing.grid
     n, height, width, _ = q.shape
     p, t, topk, h = grid.num_regions, grid.region_tokens, routing.indices.shape[-1], num_heads
