@@ -7,7 +7,7 @@ from torch.library import opcheck
 
 import biformer.ops.compiled as compiled_ops
 from biformer import BiFormer, BiLevelRoutingAttention
-from biformer.ops import available_backends, bi_level_routing_attention
+from biformer.ops import available_backends, bi_level_routing_attention, select_backend
 from biformer.ops.backends import BACKENDS
 from biformer.ops.gather import routed_key_valid, routed_rows
 from biformer.ops.regions import resolve_grid, route
@@ -105,9 +105,6 @@ def test_auto_picks_each_auto_backend_somewhere_in_a_model_compiled_once() -> No
     torch.manual_seed(0)
     model = BiFormer(depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 64), head_dim=16, topks=(1, 4, 16, None),
                      num_classes=5).eval()
-    picked = set()
-    real = bi_level_routing_attention.__globals__["select_backend"]
-
     counting, graphs = _count_graphs()
     compiled = torch.compile(model, backend=counting, fullgraph=True)
     for batch in (2, 3, 5):
@@ -116,10 +113,7 @@ def test_auto_picks_each_auto_backend_somewhere_in_a_model_compiled_once() -> No
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
     assert len(graphs) == 1
-    from biformer.ops.regions import resolve_grid as grid_of
-
-    for hw, topk in ((56, 1), (28, 4), (14, 16)):
-        picked.add(real(grid_of(hw, hw, n_win=7), topk))
+    picked = {select_backend(resolve_grid(hw, hw, n_win=7), topk) for hw, topk in ((56, 1), (28, 4), (14, 16))}
     assert picked == set(AUTO_BACKENDS)
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
-import torch
 from torch import Tensor
 
 from .backends import BACKENDS

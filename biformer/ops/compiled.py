@@ -29,11 +29,13 @@ from .regions import RegionGrid, Routing
 
 def use_compiled_ops(x: Tensor) -> bool:
     """Inside ``torch.compile`` on the CPU, but not ``torch.export`` / ONNX export."""
+    # is_compiling() first: under torch.fx symbolic tracing it is False, and x is a Proxy whose
+    # attributes must not be turned into a bool
     return (
-        x.device.type == "cpu"
-        and torch.compiler.is_compiling()
+        torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
         and not torch.onnx.is_in_onnx_export()
+        and x.device.type == "cpu"
     )
 
 
