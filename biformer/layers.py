@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .errors import UserValueError
 from .ops import bi_level_routing_attention
+from .ops.compiled import depthwise_conv_nhwc
 from .ops.regions import IntOrPair
 
 DEFAULT_N_WIN = 7
@@ -169,8 +170,7 @@ class BiLevelRoutingAttention(nn.Module):
             backend=self.backend,
         )  # (N, H, W, C)
         if self.lce is not None:
-            # a dense channels_last input keeps the conv backward on its fast path
-            local = self.lce(v.contiguous().permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            local = depthwise_conv_nhwc(v, self.lce)  # (N, H, W, C)
             # SDPA keeps its output for backward, so only inference may add in place
             out = out + local if torch.is_grad_enabled() else out.add_(local)
         out = self.proj(out)
@@ -214,6 +214,6 @@ class GlobalAttentionLCE(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, HW, d)
         out = out.transpose(1, 2).reshape(x.shape)  # (N, HW, heads, d) -> (N, H, W, C)
         if self.lce is not None:
-            out = out + self.lce(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            out = out + depthwise_conv_nhwc(x, self.lce)
         out = self.proj(out)
         return out.permute(0, 3, 1, 2) if self.layout == "NCHW" else out

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import biformer.ops.flex as flex
+import biformer.ops.backends.flex as flex
 from biformer.ops import BackendUnavailable, bi_level_routing_attention
 from biformer.ops.regions import resolve_grid, route
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..errors import UserValueError
 from ..layers import BiLevelRoutingAttention, GlobalAttentionLCE
+from ..ops.compiled import depthwise_conv_nhwc
 
 __all__ = ["BiFormer", "BiFormerBlock", "BiFormerStage", "checkpoint_filter_fn", "CheckpointMismatchError"]
 
@@ -49,7 +50,7 @@ class BiFormerBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (N, H, W, C)
         if self.cpe is not None:
-            x = x + self.cpe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            x = x + depthwise_conv_nhwc(x, self.cpe)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         if torch.is_grad_enabled():
             return x + self.drop_path(self.mlp(self.norm2(x)))

@@ -18,21 +18,25 @@ Backends (``backend=``):
   are tiny and ``topk`` is a large share of them.
 * ``"flex"``: compiled FlexAttention with a BlockMask built from the routed regions (GPU training
   and inference; CPU inference only). Never chosen by ``"auto"``; see :mod:`biformer.ops.flex`.
-* ``"auto"``: picks ``"sdpa"`` or ``"dense"`` per call from a cost estimate (see :func:`select_backend`).
+* ``"auto"``: picks ``"sdpa"`` or ``"dense"`` per call from a cost estimate (see :mod:`biformer.ops.cost`).
+
+Each backend lives in its own file under :mod:`biformer.ops.backends` with a ``can_run`` that says
+why it cannot take an input; :func:`available_backends` asks them.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import regions
+from .backends import BACKENDS
+from .backends.reference import routed_logits
+from .cost import prefer_dense
 from .errors import BackendUnavailable
-from .flex import flex_backend
-from .nonfinite import may_be_nonfinite, nonfinite_term, sanitise
-from .regions import IntOrPair, RegionGrid, Routing, from_regions, resolve_grid, route, to_regions
+from .gather import gather_routed, region_token_index, routed_key_valid  # noqa: F401  (public helpers)
+from .regions import IntOrPair, RegionGrid, Routing, resolve_grid, route, to_regions
+from .routing_rule import dense_token_mask as dense_routing_mask  # noqa: F401  (former name)
+from .routing_rule import token_region  # noqa: F401
 
 __all__ = [
     "bi_level_routing_attention",
@@ -43,169 +47,48 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------------------------
-# shared pieces
+def _is_static(grid: RegionGrid) -> bool:
+    return isinstance(grid.height * grid.width, int)
 
 
-def gather_routed(x: Tensor, indices: Tensor) -> Tensor:
-    """Rows of the routed regions: ``(N, P, h, T, d)`` by ``(N, P, k)`` -> ``(N, P, h, k*T, d)``.
+def available_backends(
+    q: Optional[Tensor] = None,
+    k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    *,
+    num_heads: Optional[int] = None,
+    topk: Optional[int] = None,
+    n_win: Optional[IntOrPair] = None,
+    region_size: Optional[IntOrPair] = None,
+) -> Tuple[str, ...]:
+    """Backends that can run on this machine, and, when given, on these inputs and settings.
 
-    Indexes rows of the flattened ``(N*P, ...)`` tensor, so the backward is an index-add into a
-    buffer the size of ``x`` (the original gathered from an ``expand()``-ed view ``P`` times larger).
+    ``available_backends()`` lists what this machine (torch build, process state) supports;
+    ``available_backends(q, k, v, num_heads=..., topk=..., n_win=...)`` also asks each backend's
+    ``can_run`` about these tensors (device, dtype, whether they need gradients).
     """
-    n, p, h, t, d = x.shape
-    topk = indices.shape[-1]
-    offsets = torch.arange(n, device=indices.device).view(n, 1, 1) * p
-    rows = (indices + offsets).reshape(-1)  # (N*P*k,)
-    picked = x.reshape(n * p, h, t, d).index_select(0, rows)  # (N*P*k, h, T, d)
-    picked = picked.view(n, p, topk, h, t, d).transpose(2, 3)  # (N, P, h, k, T, d)
-    return picked.reshape(n, p, h, topk * t, d)
-
-
-def routed_key_valid(routing: Routing, device: torch.device) -> Optional[Tensor]:
-    """``(N, P, k*T)`` bool mask of real (unpadded) routed key tokens, or None when nothing is padded."""
-    grid = routing.grid
-    if not grid.is_padded:
-        return None
-    valid = grid.token_valid(device)  # (P, T)
-    n, p, topk = routing.indices.shape
-    return valid[routing.indices].view(n, p, topk * grid.region_tokens)
-
-
-def region_token_index(grid: RegionGrid, device: Optional[torch.device] = None) -> Tensor:
-    """``(P, T)`` flat ``y * W + x`` index of every region slot in the unpadded map.
-
-    Padding slots point at the nearest real token (any real row would do: they are masked out).
-    """
-    ys = torch.arange(grid.padded_h, device=device).clamp(max=grid.height - 1)
-    xs = torch.arange(grid.padded_w, device=device).clamp(max=grid.width - 1)
-    index = ys[:, None] * grid.width + xs[None, :]  # (Hp, Wp)
-    index = index.view(grid.rows, grid.region_h, grid.cols, grid.region_w).permute(0, 2, 1, 3)
-    return index.reshape(grid.num_regions, grid.region_tokens)
-
-
-def token_region(grid: RegionGrid, device: Optional[torch.device] = None) -> Tensor:
-    """``(H*W,)`` region number of every real token, row-major."""
-    ys = torch.arange(grid.height, device=device) // grid.region_h
-    xs = torch.arange(grid.width, device=device) // grid.region_w
-    return (ys[:, None] * grid.cols + xs[None, :]).reshape(-1)
-
-
-def _routed_logits(qr: Tensor, kr: Tensor, routing: Routing, scale: float) -> Tensor:
-    k_sel = gather_routed(kr, routing.indices)  # (N, P, h, kT, dq)
-    logits = (qr * scale) @ k_sel.transpose(-1, -2)  # (N, P, h, T, kT)
-    key_valid = routed_key_valid(routing, qr.device)
-    if key_valid is not None:
-        logits = logits.masked_fill(~key_valid[:, :, None, None, :], float("-inf"))
-    return logits
-
-
-# --------------------------------------------------------------------------------------------
-# backends: each maps channels-last (q, k, v), a routing, heads and scale to (N, H, W, C_v)
-
-
-def _reference(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: int, scale: float) -> Tensor:
-    """Cut into regions, gather the routed regions, explicit softmax."""
-    grid = routing.grid
-    qr, kr, vr = (to_regions(t, grid, num_heads) for t in (q, k, v))  # (N, P, h, T, d)
-    weights = _routed_logits(qr, kr, routing, scale).softmax(dim=-1)  # (N, P, h, T, kT)
-    v_sel = gather_routed(vr, routing.indices)  # (N, P, h, kT, dv)
-    return from_regions(weights @ v_sel, grid)
-
-
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: int, scale: float) -> Tensor:
-    """Routed tokens gathered straight from the image-order maps, then fused attention.
-
-    One ``index_select`` per K and V does both the region cut and the routing gather, and its
-    backward is one index-add into an image-sized buffer. Every tensor handed to SDPA keeps a
-    contiguous last dimension (SDPA's fast CPU kernel needs it).
-    """
-    grid = routing.grid
-    n, height, width, c_qk = q.shape
-    c_v = v.shape[-1]
-    p, t, topk = grid.num_regions, grid.region_tokens, routing.indices.shape[-1]
-    h = num_heads
-    # what a kernel may hide of reference's NaN/inf (see biformer.ops.nonfinite)
-    term = nonfinite_term(q, k, v, routing, num_heads, keep_inf_keys=True) if may_be_nonfinite(q, k, v) else None
-
-    rows = region_token_index(grid, q.device)[routing.indices]  # (N, P, k, T)
-    rows = (rows + torch.arange(n, device=q.device).view(n, 1, 1, 1) * (height * width)).reshape(-1)
-    if grid.is_padded:  # padded slots read an appended zero row: an inf key would leak through the mask
-        slot_valid = grid.token_valid(q.device)[routing.indices].reshape(-1)  # (N*P*k*T,)
-        rows = torch.where(slot_valid, rows, n * height * width)
-
-    def routed(x: Tensor) -> Tensor:  # (N, H, W, C) -> (N*P, h, k*T, C/h)
-        c = x.shape[-1]
-        flat = x.reshape(n * height * width, c)
-        if grid.is_padded:
-            flat = torch.cat([flat, flat.new_zeros(1, c)])  # (N*H*W + 1, C)
-        return flat.index_select(0, rows).view(n * p, topk * t, h, c // h).transpose(1, 2)
-
-    q_regions = regions.pad_map(q, grid).reshape(n, grid.rows, grid.region_h, grid.cols, grid.region_w, c_qk)
-    q_regions = q_regions.permute(0, 1, 3, 2, 4, 5).reshape(n * p, t, h, c_qk // h).transpose(1, 2)  # (N*P, h, T, dq)
-    mask = routed_key_valid(routing, q.device)
-    if mask is not None:
-        mask = mask.view(n * p, 1, 1, topk * t)
-    out = F.scaled_dot_product_attention(q_regions, routed(k), routed(v), attn_mask=mask, scale=scale)
-    # out: (N*P, h, T, dv), laid out in memory as (N*P, T, h, dv) because q was
-    out = out.transpose(1, 2).reshape(n, grid.rows, grid.cols, grid.region_h, grid.region_w, c_v)
-    out = out.permute(0, 1, 3, 2, 4, 5).reshape(n, grid.padded_h, grid.padded_w, c_v)
-    out = out[:, :height, :width] if grid.is_padded else out
-    return out if term is None else out + term
-
-
-def dense_routing_mask(routing: Routing) -> Tensor:
-    """``(N, 1, H*W, H*W)`` bool: real token i may attend real token j (row-major token order)."""
-    grid = routing.grid
-    n, p, _ = routing.indices.shape
-    allowed = torch.zeros(n, p, p, dtype=torch.bool, device=routing.indices.device)
-    allowed.scatter_(2, routing.indices, True)  # (N, query region, key region)
-    region = token_region(grid, allowed.device)  # (HW,)
-    return allowed[:, region][:, :, region].unsqueeze(1)
-
-
-def _dense(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: int, scale: float) -> Tensor:
-    """Attention over the whole (unpadded) map, with the routing as a token mask. No copies, no padding."""
-    n, height, width, _ = q.shape
-    h = num_heads
-    # the mask is added to every logit of the map, so no non-finite key may reach the kernel
-    term = None
-    if may_be_nonfinite(q, k, v):
-        term = nonfinite_term(q, k, v, routing, num_heads, keep_inf_keys=False)
-        q, k, v = sanitise(q), sanitise(k), sanitise(v)
-
-    def heads(x: Tensor) -> Tensor:  # (N, H, W, C) -> (N, h, HW, C/h), a view
-        return x.reshape(n, height * width, h, x.shape[-1] // h).transpose(1, 2)
-
-    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=dense_routing_mask(routing), scale=scale)
-    out = out.transpose(1, 2).reshape(n, height, width, v.shape[-1])  # (N, h, HW, dv) -> (N, H, W, C_v)
-    return out if term is None else out + term
-
-
-Backend = Callable[[Tensor, Tensor, Tensor, Routing, int, float], Tensor]
-_BACKENDS: Dict[str, Backend] = {"reference": _reference, "sdpa": _sdpa, "dense": _dense, "flex": flex_backend}
-
-
-def available_backends() -> Tuple[str, ...]:
-    return tuple(_BACKENDS)
+    grid = None
+    if q is not None and (n_win is not None or region_size is not None):
+        grid = resolve_grid(q.shape[1], q.shape[2], n_win=n_win, region_size=region_size)
+    return tuple(name for name, b in BACKENDS.items() if b.can_run(q, k, v, grid, topk, num_heads) is None)
 
 
 def select_backend(grid: RegionGrid, topk: int) -> str:
-    """The cheaper of the routed (gather + SDPA) and dense-masked paths, by a simple cost model.
-
-    Dense attention does ``P/topk`` times the routed path's multiply-adds but needs no gather, no
-    copies and runs as one large kernel. It wins when regions are tiny (a few tokens each, where the
-    routed path is dominated by per-region overhead) and ``topk`` is a large share of the regions.
-    """
-    if not isinstance(grid.height * grid.width, int):
+    """The cheaper of the routed (gather + SDPA) and dense-masked paths, by :mod:`biformer.ops.cost`."""
+    if not _is_static(grid):
         return "sdpa"  # symbolic sizes (torch.export with dynamic H, W): one path for every size
-    tokens = grid.height * grid.width
-    dense_cost = tokens * tokens
-    # each routed region pays a fixed overhead worth roughly 64 tokens of attention work
-    routed_cost = grid.num_regions * (grid.region_tokens + 64) * topk * grid.region_tokens
-    if tokens <= 1024 and dense_cost <= routed_cost:
-        return "dense"
-    return "sdpa"
+    return "dense" if prefer_dense(grid, topk) else "sdpa"
+
+
+def _auto_backend(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, num_heads: int) -> str:
+    """The cost model's choice if it can take this call, else the first ``auto`` backend that can."""
+    preferred = select_backend(grid, topk)
+    if BACKENDS[preferred].can_run(q, k, v, grid, topk, num_heads) is None:
+        return preferred
+    for name, b in BACKENDS.items():
+        if b.auto and b.can_run(q, k, v, grid, topk, num_heads) is None:
+            return name
+    return "reference"  # runs everywhere
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,12 +153,16 @@ def bi_level_routing_attention(
     if scale is None:
         scale = c_qk ** -0.5
     if backend == "auto":
-        backend = select_backend(grid, topk)
-    elif backend not in _BACKENDS:
-        raise BackendUnavailable(f"got backend={backend!r}, expected 'auto' or one of {available_backends()}")
+        backend = _auto_backend(q, k, v, grid, topk, num_heads)
+    elif backend not in BACKENDS:
+        raise BackendUnavailable(f"got backend={backend!r}, expected 'auto' or one of {tuple(BACKENDS)}")
+    else:
+        reason = BACKENDS[backend].can_run(q, k, v, grid, topk, num_heads)
+        if reason is not None:
+            raise BackendUnavailable(reason)
 
     routing = route(q, k, grid, topk, scale)
-    out = _BACKENDS[backend](q, k, v, routing, num_heads, scale)  # (N, H, W, C_v)
+    out = BACKENDS[backend].run(q, k, v, routing, num_heads, scale)  # (N, H, W, C_v)
     return (out, routing) if return_routing else out
 
 
@@ -291,4 +178,4 @@ def routed_attention_weights(
         scale = q.shape[-1] ** -0.5
     qr = to_regions(q, routing.grid, num_heads)
     kr = to_regions(k, routing.grid, num_heads)
-    return _routed_logits(qr, kr, routing, scale).softmax(dim=-1)
+    return routed_logits(qr, kr, routing, scale).softmax(dim=-1)

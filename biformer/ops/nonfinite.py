@@ -86,7 +86,7 @@ def nonfinite_term(
     routed ±inf key makes the row NaN. Built from max/min reductions, which propagate NaN and keep
     ±inf, so no per-token flag tensors are materialised.
     """
-    from .bra import token_region  # bra imports this module
+    from .routing_rule import token_region
 
     grid = routing.grid
     n, height, width, c_v = v.shape

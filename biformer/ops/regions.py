@@ -145,6 +145,7 @@ def region_means(x: Tensor, grid: RegionGrid) -> Tensor:
     """Mean of each region's real tokens: ``(N, H, W, C)`` -> ``(N, P, C)``.
 
     Regions made only of padding get a zero descriptor; routing masks them out anyway.
+    Sums accumulate and return in float32 whatever the input dtype (routing is decided in fp32).
     Sums run in two passes (within region rows, then over them): one reduction over two
     non-adjacent dims of a strided slice is several times slower on the CPU.
     """
@@ -155,11 +156,11 @@ def region_means(x: Tensor, grid: RegionGrid) -> Tensor:
         valid = valid.view(grid.rows, grid.cols, grid.region_h, grid.region_w).permute(0, 2, 1, 3)
         valid = valid.reshape(grid.padded_h, grid.padded_w, 1)
         x = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    row_sums = x.reshape(n, grid.padded_h, grid.cols, grid.region_w, c).sum(3)  # (N, Hp, cols, C)
+    row_sums = x.reshape(n, grid.padded_h, grid.cols, grid.region_w, c).sum(3, dtype=torch.float32)  # (N, Hp, cols, C)
     sums = row_sums.view(n, grid.rows, grid.region_h, grid.cols, c).sum(2)  # (N, rows, cols, C)
     if not grid.is_padded:
         return sums.reshape(n, grid.num_regions, c) / grid.region_tokens
-    counts = grid.region_token_counts(x.device).clamp(min=1).to(x.dtype)  # (P,)
+    counts = grid.region_token_counts(x.device).clamp(min=1).to(torch.float32)  # (P,)
     return sums.reshape(n, grid.num_regions, c) / counts[:, None]
 
 
@@ -182,10 +183,19 @@ def route(q: Tensor, k: Tensor, grid: RegionGrid, topk: int, scale: float) -> Ro
 
     ``q`` and ``k`` are ``(N, H, W, C_qk)`` maps. Routing carries no gradient, as in the original.
     Regions made only of padding are never routed to.
+
+    Low precision: region means and routing logits are computed in float32 (also under autocast), so
+    bf16/fp16 ``q`` and ``k`` route exactly as their values upcast to float32 would; ``scores`` are
+    float32. Against a float32 model the routed set can differ only where the float32 logits of the
+    k-th and (k+1)-th regions are closer than the low-precision rounding of ``q``/``k`` moves them.
     """
-    q_region = region_means(q, grid)  # (N, P, C)
+    q_region = region_means(q, grid)  # (N, P, C), float32
     k_region = region_means(k, grid)
-    logits = (q_region * scale) @ k_region.transpose(-1, -2)  # (N, P, P)
+    if torch.is_autocast_enabled(q.device.type):
+        with torch.autocast(q.device.type, enabled=False):
+            logits = (q_region * scale) @ k_region.transpose(-1, -2)  # (N, P, P)
+    else:
+        logits = (q_region * scale) @ k_region.transpose(-1, -2)
     if grid.is_padded:
         has_tokens = grid.region_token_counts(q.device) > 0
         logits = logits.masked_fill(~has_tokens, float("-inf"))

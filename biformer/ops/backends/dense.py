@@ -1,0 +1,39 @@
+"""``dense``: attention over the whole (unpadded) map with the routing as a token mask.
+
+No copies and no padding, but ``P / topk`` times the routed multiply-adds: it pays off when
+regions are tiny and ``topk`` is a large share of them (see :mod:`biformer.ops.cost`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..nonfinite import may_be_nonfinite, nonfinite_term, sanitise
+from ..regions import RegionGrid, Routing
+from ..routing_rule import dense_token_mask
+
+NAME = "dense"
+
+
+def dense_backend(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: int, scale: float) -> Tensor:
+    n, height, width, _ = q.shape
+    h = num_heads
+    # the mask is added to every logit of the map, so no non-finite key or value may reach the kernel
+    term = None
+    if may_be_nonfinite(q, k, v):
+        term = nonfinite_term(q, k, v, routing, num_heads, keep_inf_keys=False)
+        q, k, v = sanitise(q), sanitise(k), sanitise(v)
+
+    def heads(x: Tensor) -> Tensor:  # (N, H, W, C) -> (N, h, HW, C/h), a view
+        return x.reshape(n, height * width, h, x.shape[-1] // h).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=dense_token_mask(routing), scale=scale)
+    out = out.transpose(1, 2).reshape(n, height, width, v.shape[-1])  # (N, h, HW, dv) -> (N, H, W, C_v)
+    return out if term is None else out + term
+
+
+def can_run(q: Optional[Tensor], k: Optional[Tensor], v: Optional[Tensor], grid: Optional[RegionGrid],
+            topk: Optional[int], num_heads: Optional[int]) -> Optional[str]:
+    return None  # SDPA with a boolean mask: every device, dtype and mode

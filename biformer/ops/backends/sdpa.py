@@ -1,0 +1,54 @@
+"""``sdpa``: routed K/V rows indexed straight from the image-order maps, then fused SDPA."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..compiled import routed_sdpa_op, use_compiled_ops
+from ..gather import query_regions, regions_to_map, routed_key_valid, routed_rows
+from ..nonfinite import may_be_nonfinite, nonfinite_term
+from ..regions import RegionGrid, Routing
+
+NAME = "sdpa"
+
+
+def sdpa_backend(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: int, scale: float) -> Tensor:
+    """One ``index_select`` per K and V does both the region cut and the routing gather, and its
+    backward is one index-add into an image-sized buffer. Every tensor handed to SDPA keeps a
+    contiguous last dimension (SDPA's fast CPU kernel needs it).
+
+    Under ``torch.compile`` on the CPU the same code runs as one opaque custom op
+    (:func:`biformer.ops.compiled.routed_sdpa_op`): inductor's own lowering of it is slower.
+    """
+    grid = routing.grid
+    # what the kernel may hide of reference's NaN/inf (see biformer.ops.nonfinite)
+    term = nonfinite_term(q, k, v, routing, num_heads, keep_inf_keys=True) if may_be_nonfinite(q, k, v) else None
+    zero_row = term is not None and grid.is_padded  # padded slots must read zeros, not a neighbour's NaN
+    if use_compiled_ops(q) and not zero_row:
+        out = routed_sdpa_op(q, k, v, routing, num_heads, scale)
+        return out if term is None else out + term
+    n, height, width, _ = q.shape
+    p, t, topk, h = grid.num_regions, grid.region_tokens, routing.indices.shape[-1], num_heads
+    rows = routed_rows(routing, n, zero_row=zero_row)  # (N*P*k*T,)
+
+    def routed(x: Tensor) -> Tensor:  # (N, H, W, C) -> (N*P, h, k*T, C/h)
+        c = x.shape[-1]
+        flat = x.reshape(n * height * width, c)
+        if zero_row:
+            flat = torch.cat([flat, flat.new_zeros(1, c)])  # (N*H*W + 1, C)
+        return flat.index_select(0, rows).view(n * p, topk * t, h, c // h).transpose(1, 2)
+
+    mask = routed_key_valid(routing, q.device)
+    if mask is not None:
+        mask = mask.view(n * p, 1, 1, topk * t)
+    out = F.scaled_dot_product_attention(query_regions(q, grid, h), routed(k), routed(v), attn_mask=mask, scale=scale)
+    out = regions_to_map(out, grid, n)  # (N*P, h, T, dv) -> (N, H, W, C_v)
+    return out if term is None else out + term
+
+
+def can_run(q: Optional[Tensor], k: Optional[Tensor], v: Optional[Tensor], grid: Optional[RegionGrid],
+            topk: Optional[int], num_heads: Optional[int]) -> Optional[str]:
+    return None  # SDPA has a kernel for every device, dtype and mode
