@@ -59,7 +59,7 @@ def test_small_maps_with_n_win_16_pad_regions():
 
 
 def test_topk_larger_than_region_grid_is_refused():
-    with pytest.raises(ValueError, match=r"topk=16 regions but the grid has only 9"):
+    with pytest.raises(ValueError, match=r"got topk=16 but the map has only 9 regions"):
         BiFormerBackbone("biformer_tiny", n_win=3, **TINY)
 
 

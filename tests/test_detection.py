@@ -151,7 +151,7 @@ def test_cli_train_eval_predict(coco, tmp_path, capsys):
         assert im.size == (451, 300) and im.mode == "RGB"
         drawn = np.asarray(im)
     assert (drawn != np.asarray(load_image("chelsea"))).any()
-    assert main(["detect", "predict", "no_such_image.png", "--checkpoint", str(run / "last.safetensors")]) == 1
+    assert main(["detect", "predict", "no_such_image.png", "--checkpoint", str(run / "last.safetensors")]) == 2
 
 
 @pytest.mark.slow

@@ -156,10 +156,10 @@ def test_visualize_cli_random_init_warns_and_draws_frequencies(tmp_path, capsys:
     captured = capsys.readouterr()
     assert "random weights" in captured.err and "stage 3" in captured.out
     _png_is_a_picture(out)
-    assert main(["visualize", "--image", "nope.jpg", "--output", str(out)]) == 1
+    assert main(["visualize", "--image", "nope.jpg", "--output", str(out)]) == 2  # a UserError: one line, status 2
     err = capsys.readouterr().err
     assert all(name in err for name in BUNDLED_IMAGES), err
-    assert main(["visualize", "--image", "astronaut", "--stage", "4", "--output", str(out)]) == 1
+    assert main(["visualize", "--image", "astronaut", "--stage", "4", "--output", str(out)]) == 2
     assert "global attention" in capsys.readouterr().err
 
 
