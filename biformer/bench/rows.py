@@ -91,7 +91,7 @@ class RowWriter:
 
     An existing ``bench.csv`` is appended to when its header is ours (runs accumulate, as with timm's
     results file); a CSV with another header is refused rather than mixed with ours. The JSONL rows
-    carry everything the CSV row has plus ``extra`` (the raw samples).
+    carry everything the CSV row has plus the raw samples.
     """
 
     def __init__(self, directory: str) -> None:
@@ -118,10 +118,11 @@ class RowWriter:
         f.flush()
         os.fsync(f.fileno())
 
-    def write(self, row: Dict[str, Any], extra: Optional[Dict[str, Any]] = None) -> None:
+    def write(self, row: Dict[str, Any], samples_s: Optional[Sequence[float]] = None) -> None:
+        """Append ``row`` to both files (the JSONL line also holds the raw samples, in seconds)."""
         self._writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in COLUMNS})
         self._sync(self._csv)
-        self._jsonl.write(json.dumps({**row, **(extra or {})}) + "\n")
+        self._jsonl.write(json.dumps({**row, "samples_s": list(samples_s or [])}) + "\n")
         self._sync(self._jsonl)
         self.rows.append(row)
 

@@ -370,6 +370,10 @@ class ModelPool:
             self._models[key] = model
         return self._models[key]
 
+    def add(self, name: str, model: nn.Module) -> None:
+        """Use ``model`` (moved to the run's device and dtype) for candidates named ``name``."""
+        self._models[(name, False, None)] = model.to(self.config.torch_device, self.config.torch_dtype)
+
     @property
     def counted_macs(self) -> Dict[str, Optional[int]]:
         return dict(self._macs)
@@ -395,11 +399,11 @@ class ModelPool:
         return self._macs[model_name]
 
 
-def _inputs(config: BenchConfig, batch: int) -> Tuple[Tensor, Tensor]:
+def _inputs(config: BenchConfig, batch: int, num_classes: int) -> Tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(config.seed + batch)
     size = config.image_size
     images = torch.randn(batch, 3, size, size, generator=gen).to(config.torch_device, config.torch_dtype)
-    labels = torch.randint(0, 1000, (batch,), generator=gen).to(config.torch_device)
+    labels = torch.randint(0, num_classes, (batch,), generator=gen).to(config.torch_device)
     return images, labels
 
 
@@ -416,7 +420,7 @@ def _model_bench(candidate: ModelCandidate, mode: str, pool: ModelPool, config: 
         model = pool.get(candidate)
     except (ValueError, RuntimeError) as e:
         return unavailable(f"not built: {e}")
-    images, labels = _inputs(config, mode_batch(mode))
+    images, labels = _inputs(config, mode_batch(mode), getattr(model, "num_classes", 1000))
     if mode.startswith("infer"):
         call, prepare = infer_call(model, images, candidate.setting, config.threads)
         return Bench(name, call, tensor_bytes(model, images), prepare=prepare,
