@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "= --threads; inference only; needs the [export] extra)")
     settings.add_argument("--model-backends", nargs="+", metavar="NAME", default=[],
                           help="also run the BiFormer models with every BRA layer on this backend (e.g. sdpa flex)")
+    settings.add_argument("--no-train", action="store_true", help="models part: inference only (no training step)")
     settings.add_argument("--no-macs", action="store_true", help="leave the gmacs column empty (saves the counting)")
     parser.add_argument("--no-large-maps", action="store_true", help="skip the 448x448 and 600x500 layer cases")
     parser.add_argument("--backends", nargs="+", metavar="NAME",
@@ -140,6 +141,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         settings=tuple(settings),
         model_backends=tuple(args.model_backends),
         count_macs=not args.no_macs,
+        train=not args.no_train,
         notes=notes,
     )
     config.torch_dtype  # noqa: B018 - raises ValueError naming a bad --dtype

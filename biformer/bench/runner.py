@@ -126,7 +126,8 @@ def run_benchmark(
             if "models" in parts or "efficiency" in parts:
                 if "models" in parts:
                     names = config.models
-                    modes = [infer_mode(b) for b in config.infer_batches] + [train_mode(config.train_batch)]
+                    modes = [infer_mode(b) for b in config.infer_batches]
+                    modes += [train_mode(config.train_batch)] if config.train else []
                 else:  # efficiency alone: the BiFormer models at the largest inference batch
                     names = tuple(m for m in config.models if m in WITH_ORIGINAL)
                     modes = [infer_mode(max(config.infer_batches))]

@@ -114,6 +114,7 @@ class BenchConfig:
     settings: Tuple[Setting, ...] = (Setting(),)  # how the models part runs each model (eager fp32 first)
     model_backends: Tuple[str, ...] = ()  # extra BiFormer candidates with every BRA layer on this backend
     count_macs: bool = True  # GMACs column of the rows (one count per model)
+    train: bool = True  # the models part measures a training step too
     notes: List[str] = field(default_factory=list)
 
     @property
