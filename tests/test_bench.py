@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict
 
 import pytest
 import timm
@@ -24,6 +24,8 @@ from biformer.bench import cli as bench_cli
 from biformer.bench.baseline import full_attention, original_bra, original_bra_peak_bytes, use_original_bra
 from biformer.bench.report import compute_targets, format_report
 from biformer.bench.runner import run_benchmark
+from biformer.bench.rss import measure_rss
+from biformer.bench.table import format_table, table_rows
 from biformer.bench.rows import COLUMNS, RowWriter, measurement_row, read_rows
 from biformer.bench.runtimes import Setting, require_onnx
 from biformer.bench.suites import BenchConfig, LayerCase, ModelCandidate, ModelPool, geometric_mean, run_model_group
@@ -270,3 +272,57 @@ def test_train_with_bf16_autocast_on_the_cpu_saves_fp32_weights(tmp_path: Path) 
     with torch.no_grad():
         logits = model.eval()(torch.rand(2, 3, 32, 32))
     assert logits.dtype == torch.float32 and logits.shape == (2, 10) and torch.isfinite(logits).all()
+
+
+# ---- the issue-9 table ---------------------------------------------------------------------------------
+
+
+def _measured(times: Dict[str, Dict[str, float]], memory: Dict[str, Dict[str, float]], diffs: Dict[str, float]) -> Dict[str, Any]:
+    """A table_run result with the given median seconds per group and '<candidate>/<mode>' key."""
+    groups: Dict[str, Any] = {}
+    for group, entries in times.items():
+        groups[group] = {key: {"status": "ok", "median_s": t, "info": {}} for key, t in entries.items()}
+    for name, diff in diffs.items():
+        groups["onnx"][f"{name}@onnx/infer_b8"]["info"]["max_rel_diff_vs_pytorch"] = diff
+    return {"groups": groups, "memory": memory, "batch": 8, "image_size": 224, "repeats": 7}
+
+
+def test_issue9_table_takes_each_ratio_within_its_group() -> None:
+    S, T, W = "biformer_small", "biformer_tiny", "swin_tiny_patch4_window7_224"
+    measured = _measured(
+        {"eager": {f"{S}/train_b8": 3.0, f"{T}/train_b8": 1.2, f"{W}/train_b8": 2.0,
+                   f"{S}/infer_b8": 1.0, f"{T}/infer_b8": 0.4, f"{W}/infer_b8": 0.8},
+         "original": {f"{S}/train_b8": 2.5, f"{S}:original/train_b8": 10.0},
+         "compile": {f"{S}/train_b8": 3.0, f"{S}@compiled/train_b8": 2.0, f"{W}/train_b8": 2.0,
+                     f"{W}@compiled/train_b8": 1.6, f"{S}/infer_b8": 1.0, f"{S}@compiled/infer_b8": 1.0,
+                     f"{W}/infer_b8": 0.8, f"{W}@compiled/infer_b8": 0.5},
+         "bf16": {f"{S}@bf16/infer_b8": 0.5, f"{T}@bf16/infer_b8": 0.2, f"{W}@bf16/infer_b8": 0.4,
+                  f"{S}/infer_b8": 1.0, f"{T}/infer_b8": 0.4, f"{W}/infer_b8": 0.8},
+         "onnx": {f"{S}@onnx/infer_b8": 1.0, f"{T}@onnx/infer_b8": 0.25, f"{W}@onnx/infer_b8": 0.5}},
+        {S: {"first_step_bytes": 300.0, "steady_step_bytes": 200.0}, W: {"first_step_bytes": 200.0,
+                                                                        "steady_step_bytes": 250.0}},
+        {S: 3e-7, T: 2e-7, W: 5e-5})
+    rows = {measure: (ours, met) for measure, ours, _, _, met in table_rows(measured)}
+    assert rows["`torch.compile(biformer_small)` training step speed-up vs its own eager"] == ("1.50×", True)
+    assert rows["`torch.compile(biformer_small)` inference speed-up vs its own eager"] == ("1.00×", False)
+    assert rows["compiled BiFormer-S training step time vs compiled Swin-T"] == ("1.25×", False)
+    assert rows["compiled BiFormer-S inference throughput vs compiled Swin-T"] == ("0.50×", False)
+    assert rows["BiFormer-S eager training step time vs Swin-T"] == ("1.50×", False)
+    assert rows["BiFormer-T eager training step time vs Swin-T"] == ("0.60×", True)
+    assert rows["BiFormer-S training step speed-up vs the original algorithm"] == ("4.00×", True)  # 10 / 2.5
+    assert rows["BiFormer-S training peak memory vs Swin-T, first step (RSS growth, fresh process)"] == ("1.50×", False)
+    assert rows["BiFormer-S training peak memory vs Swin-T, steady state (RSS growth, fresh process)"] == ("0.80×", True)
+    assert rows["bf16 autocast inference throughput, BiFormer-T vs Swin-T (both bf16)"] == ("2.00×", True)
+    assert rows["ONNX Runtime inference throughput, BiFormer-S vs Swin-T"] == ("0.50×", False)
+    assert rows["ONNX Runtime outputs vs PyTorch, max relative difference (S, T, Swin-T)"] == ("5.0e-05", True)
+    text = format_table(measured)
+    assert text.count("\n| ") == len(rows) + 1 and "| no |" in text and "| yes |" in text
+    del measured["groups"]["onnx"]  # a group that did not run leaves its lines n/a, not wrong
+    assert dict((m, o) for m, o, _, _, _ in table_rows(measured))["ONNX Runtime inference throughput, BiFormer-T vs Swin-T"] == "n/a"
+
+
+def test_rss_of_a_fresh_training_process() -> None:
+    result = measure_rss("biformer_tiny", batch=1, image_size=64, threads=1, steps=2)
+    assert result["first_step_bytes"] > 0  # gradients and AdamW state at least
+    assert len(result["step_bytes"]) == 2 and result["steady_step_bytes"] == result["step_bytes"][1]
+    assert math.isfinite(result["loss"]) and result["baseline_rss_bytes"] > 0
