@@ -35,6 +35,7 @@ def test_onnx_export_of_biformer_tiny_matches_pytorch_in_onnx_runtime(tmp_path: 
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # the dynamo export of the full biformer_tiny; the default suite checks a small one in test_bench.py
 def test_deploy_recipe_onnx_runtime_matches_pytorch_within_1e4_relative(tmp_path: Path) -> None:
     """docs/deploy.md's recipe (biformer.bench.runtimes): export with a dynamic batch, run in ORT with
     a set thread count; the logits agree with PyTorch's to 1e-4 of their scale, at every batch."""
