@@ -118,12 +118,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         from .suites import LARGE_CASES
 
         cases = T_STAGE_CASES + LARGE_CASES
+    if args.table:
+        default_repeats = TABLE_QUICK_REPEATS if args.quick else TABLE_REPEATS
+    else:
+        default_repeats = QUICK_REPEATS if args.quick else 7
     config = BenchConfig(
         device=str(device),
         dtype=args.dtype,
         threads=args.threads,
-        repeats=args.repeats or (TABLE_QUICK_REPEATS if args.quick else TABLE_REPEATS) if args.table
-        else args.repeats or (QUICK_REPEATS if args.quick else 7),
+        repeats=args.repeats or default_repeats,
         warmup=args.warmup or 2,
         large_repeats=args.large_repeats,
         layer_cases=cases,
