@@ -51,12 +51,17 @@ class Bench:
     """One thing to measure: a zero-argument call and the bytes its state holds before it runs.
 
     ``skip_reason`` marks a candidate that is known not to fit (it is reported, never called).
+    ``prepare`` does one-off work (compiling, exporting) before the first call; what it returns is
+    kept in :attr:`Outcome.info`. ``measure_memory=False`` leaves the peak unmeasured (for calls whose
+    memory PyTorch's allocator does not see, such as ONNX Runtime).
     """
 
     name: str
     call: Callable[[], Any]
     resident_bytes: int = 0
     skip_reason: Optional[str] = None
+    prepare: Optional[Callable[[], Dict[str, Any]]] = None
+    measure_memory: bool = True
 
 
 @dataclass
@@ -68,6 +73,8 @@ class Outcome:
     samples_s: List[float] = field(default_factory=list)
     calls_per_sample: int = 1
     peak_bytes: Optional[int] = None
+    setup_s: Optional[float] = None  # time of Bench.prepare (compilation, export)
+    info: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -91,6 +98,8 @@ class Outcome:
             "samples_s": self.samples_s,
             "calls_per_sample": self.calls_per_sample,
             "peak_bytes": self.peak_bytes,
+            "setup_s": self.setup_s,
+            "info": self.info,
         }
 
 
@@ -272,8 +281,13 @@ def run_group(
             continue
         outcome = Outcome()
         try:
+            if bench.prepare is not None:
+                start = time.perf_counter()
+                outcome.info = dict(bench.prepare())
+                outcome.setup_s = time.perf_counter() - start
+                log(f"  {bench.name}: prepared in {outcome.setup_s:.1f} s")
             start = time.perf_counter()
-            if measure_memory:
+            if measure_memory and bench.measure_memory:
                 outcome.peak_bytes = bench.resident_bytes + peak_memory_growth(bench.call, device)
             else:
                 _timed(bench.call, 1, sync)

@@ -191,13 +191,13 @@ def _model_section(models: Dict[str, Any]) -> List[str]:
     for name, cand in models["candidates"].items():
         row = [name, f"{cand['params'] / 1e6:.1f}"]
         for mode in modes:
-            e = cand[mode]
+            e = cand.get(mode, {"status": "not run"})  # ONNX Runtime has no training step
             ok = e.get("status") == "ok"
             if mode.startswith("infer"):
                 row += [f"{e['img_per_s']:.1f}" if ok else "-", _mb(e.get("peak_bytes"))]
             else:
                 row += [f"{e['median_s']:.3f}" if ok else "-", _mb(e.get("peak_bytes"))]
-        row.append(_status([cand[m] for m in modes]))
+        row.append(_status([cand[m] for m in modes if m in cand]))
         rows.append(row)
     out = [f"Whole models at {models['image_size']}x{models['image_size']}", _table(headers, rows), ""]
     if "efficiency" in models:

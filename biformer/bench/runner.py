@@ -12,7 +12,8 @@ import torch
 from ..errors import UserValueError
 from .harness import memory_limit
 from .report import compute_targets
-from .suites import WITH_ORIGINAL, BenchConfig, infer_mode, measure_matmul_rate, run_layers, run_models, train_mode
+from .suites import (WITH_ORIGINAL, BenchConfig, RowSink, infer_mode, measure_matmul_rate, run_layers, run_models,
+                     train_mode)
 
 __all__ = ["PARTS", "run_benchmark", "MEMORY_METHOD"]
 
@@ -58,12 +59,44 @@ def _versions() -> Dict[str, Optional[str]]:
             "python": platform.python_version()}
 
 
+class RunMetadata:
+    """Versions, machine, load and timing of one run, for its JSON and its header line."""
+
+    def __init__(self, config: BenchConfig) -> None:
+        self.config = config
+        self._start = time.perf_counter()
+        self.data: Dict[str, Any] = {
+            **_versions(),
+            "device_name": _device_name(config.torch_device),
+            "memory_method": MEMORY_METHOD.get(config.torch_device.type, "not measured"),
+            "loadavg_before": _loadavg(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "argv": sys.argv,
+        }
+
+    def finish(self) -> None:
+        self.data["loadavg_after"] = _loadavg()
+        self.data["duration_s"] = time.perf_counter() - self._start
+
+    def summary(self) -> str:
+        d = self.data
+        return (f"torch {d['torch']}, timm {d['timm']}, {d['device_name']}, {self.config.threads} threads, "
+                f"load {d['loadavg_before']} / {d.get('loadavg_after')}, wall {d.get('duration_s', 0):.0f} s")
+
+
+def run_metadata(config: BenchConfig) -> RunMetadata:
+    return RunMetadata(config)
+
+
 def run_benchmark(
     config: BenchConfig,
     parts: Iterable[str] = PARTS,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
+    sink: Optional[RowSink] = None,
 ) -> Dict[str, Any]:
     """Measure the chosen ``parts`` (see :data:`PARTS`) in this process; returns the results dict.
+
+    Each finished measurement is also passed to ``sink`` as a timm-style row (see :mod:`.rows`).
 
     The thread count is set for the run and restored afterwards. On CPU the address space is
     capped at ``config.memory_budget_bytes`` above its current size while measuring.
@@ -78,16 +111,9 @@ def run_benchmark(
     config.torch_dtype  # validates the dtype name early
     threads_before = torch.get_num_threads()
     torch.set_num_threads(config.threads)
-    start = time.perf_counter()
+    meta = RunMetadata(config)
     results: Dict[str, Any] = {
-        "meta": {
-            **_versions(),
-            "device_name": _device_name(device),
-            "memory_method": MEMORY_METHOD.get(device.type, "not measured"),
-            "loadavg_before": _loadavg(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "argv": sys.argv,
-        },
+        "meta": meta.data,
         "config": config.to_dict(),
         "parts": sorted(parts),
     }
@@ -97,19 +123,20 @@ def run_benchmark(
             results["meta"]["calibration_matmul_macs_per_s"] = matmul_rate
             log(f"[bench] {config.matmul_size}^3 matmul: {matmul_rate / 1e9:.1f} GMAC/s")
             if "layers" in parts:
-                results["layers"] = run_layers(config, matmul_rate, log)
+                results["layers"] = run_layers(config, matmul_rate, log, sink)
             if "models" in parts or "efficiency" in parts:
                 if "models" in parts:
                     names = config.models
-                    modes = [infer_mode(b) for b in config.infer_batches] + [train_mode(config.train_batch)]
+                    modes = [infer_mode(b) for b in config.infer_batches]
+                    modes += [train_mode(config.train_batch)] if config.train else []
                 else:  # efficiency alone: the BiFormer models at the largest inference batch
                     names = tuple(m for m in config.models if m in WITH_ORIGINAL)
                     modes = [infer_mode(max(config.infer_batches))]
                 results["models"] = run_models(config, log, model_names=names, modes=modes,
-                                               with_matmul="efficiency" in parts, with_macs="efficiency" in parts)
+                                               with_matmul="efficiency" in parts, with_macs="efficiency" in parts,
+                                               sink=sink)
     finally:
         torch.set_num_threads(threads_before)
-    results["meta"]["loadavg_after"] = _loadavg()
-    results["meta"]["duration_s"] = time.perf_counter() - start
+    meta.finish()
     results["targets"] = [t.to_dict() for t in compute_targets(results)]
     return results

@@ -22,6 +22,8 @@ from ..ops import available_backends
 from .baseline import full_attention, original_bra, original_bra_peak_bytes, use_original_bra
 from .harness import Bench, Outcome, run_group, tensor_bytes
 from .macs import count_macs, resolve_mac_source
+from .rows import measurement_row
+from .runtimes import Setting, infer_call, train_call
 
 __all__ = [
     "BenchConfig",
@@ -46,6 +48,7 @@ WITH_ORIGINAL = ("biformer_tiny", "biformer_small")
 MATMUL = "matmul"
 
 Log = Callable[[str], None]
+RowSink = Callable[[Dict[str, Any], List[float]], None]  # a finished row and its raw samples (seconds)
 
 
 def original_name(model_name: str) -> str:
@@ -109,6 +112,10 @@ class BenchConfig:
     min_sample_s: float = 0.05
     seed: int = 0
     quick: bool = False
+    settings: Tuple[Setting, ...] = (Setting(),)  # how the models part runs each model (eager fp32 first)
+    model_backends: Tuple[str, ...] = ()  # extra BiFormer candidates with every BRA layer on this backend
+    count_macs: bool = True  # GMACs column of the rows (one count per model)
+    train: bool = True  # the models part measures a training step too
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -213,7 +220,8 @@ def _layer_call(forward: Callable[[Tensor], Tensor], layer: nn.Module, x: Tensor
     return step
 
 
-def run_layer_case(case: LayerCase, config: BenchConfig, matmul_rate: float, log: Log) -> Dict[str, Any]:
+def run_layer_case(case: LayerCase, config: BenchConfig, matmul_rate: float, log: Log,
+                   sink: Optional[RowSink] = None) -> Dict[str, Any]:
     """All candidates of one layer case, every mode, interleaved in one group."""
     device, dtype = config.torch_device, config.torch_dtype
     torch.manual_seed(config.seed)
@@ -260,6 +268,18 @@ def run_layer_case(case: LayerCase, config: BenchConfig, matmul_rate: float, log
             }
         candidates[name] = entry
     _check_outputs(case, layers, x, candidates)
+    if sink is not None:
+        for name in names:
+            diff = candidates[name].get("max_abs_diff_vs_original")
+            for mode in case.modes:
+                outcome = outcomes[f"{name}/{mode}"]
+                row = measurement_row(
+                    model=f"bra_layer_{case.name}:{name}", mode="infer" if mode == "fwd" else "train",
+                    img_size=case.height, batch_size=case.batch, outcome=outcome.to_dict(),
+                    settings={"threads": config.threads, "device": config.device, "dtype": config.dtype},
+                    group=f"layers/{case.name}",
+                    note=case.shape + (f"; max_abs_diff_vs_original={diff:.1e}" if diff is not None else ""))
+                sink(row, outcome.samples_s)
     return {"case": asdict(case), "shape": case.shape, "candidates": candidates}
 
 
@@ -276,8 +296,9 @@ def _check_outputs(case: LayerCase, layers: Dict[str, BiLevelRoutingAttention], 
             candidates[name]["max_abs_diff_vs_original"] = (layer(x) - expected).abs().max().item()
 
 
-def run_layers(config: BenchConfig, matmul_rate: float, log: Log) -> List[Dict[str, Any]]:
-    return [run_layer_case(case, config, matmul_rate, log) for case in config.layer_cases]
+def run_layers(config: BenchConfig, matmul_rate: float, log: Log,
+               sink: Optional[RowSink] = None) -> List[Dict[str, Any]]:
+    return [run_layer_case(case, config, matmul_rate, log, sink) for case in config.layer_cases]
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,31 +313,168 @@ def _create_model(name: str) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=1000)
 
 
-def _infer_call(model: nn.Module, x: Tensor) -> Callable[[], Any]:
-    def call() -> Any:
-        model.eval()
-        with torch.inference_mode():
-            return model(x)
-    return call
-
-
-def _train_call(model: nn.Module, x: Tensor, labels: Tensor) -> Tuple[Callable[[], Any], torch.optim.Optimizer]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-
-    def step() -> None:
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), labels).backward()
-        optimizer.step()
-    return step, optimizer
-
-
 def infer_mode(batch: int) -> str:
     return f"infer_b{batch}"
 
 
 def train_mode(batch: int) -> str:
     return f"train_b{batch}"
+
+
+def mode_batch(mode: str) -> int:
+    return int(mode.split("_b")[1])
+
+
+@dataclass(frozen=True)
+class ModelCandidate:
+    """A model as measured: its timm name, how it runs, whether it is the original algorithm, its BRA backend."""
+
+    model: str
+    setting: Setting = Setting()
+    original: bool = False
+    backend: Optional[str] = None  # BRA backend of every routed layer (None: the layer's default)
+
+    @property
+    def name(self) -> str:
+        base = original_name(self.model) if self.original else self.model
+        tags = [t for t in (self.backend, self.setting.label) if t]
+        return f"{base}@{'+'.join(tags)}" if tags else base
+
+    @property
+    def row_model(self) -> str:
+        base = original_name(self.model) if self.original else self.model
+        return f"{base}[{self.backend}]" if self.backend else base
+
+
+class ModelPool:
+    """Models built once per run (same seed, same weights) and shared by the candidates that use them."""
+
+    def __init__(self, config: BenchConfig, log: Log) -> None:
+        self.config, self.log = config, log
+        self._models: Dict[Tuple[str, bool, Optional[str]], nn.Module] = {}
+        self._macs: Dict[str, Optional[int]] = {}
+
+    def get(self, candidate: ModelCandidate) -> nn.Module:
+        key = (candidate.model, candidate.original, candidate.backend)
+        if key not in self._models:
+            if candidate.original or candidate.backend:
+                model = copy.deepcopy(self.get(ModelCandidate(candidate.model)))  # same weights
+                if candidate.original and use_original_bra(model) == 0:
+                    raise ValueError(f"model {candidate.model!r} has no BiLevelRoutingAttention to swap")
+                for layer in model.modules():
+                    if candidate.backend and isinstance(layer, BiLevelRoutingAttention):
+                        layer.backend = candidate.backend
+            else:
+                torch.manual_seed(self.config.seed)
+                start = time.perf_counter()
+                model = _create_model(candidate.model).to(self.config.torch_device, self.config.torch_dtype)
+                self.log(f"[models] built {candidate.model} ({time.perf_counter() - start:.1f} s)")
+            self._models[key] = model
+        return self._models[key]
+
+    def add(self, name: str, model: nn.Module) -> None:
+        """Use ``model`` (moved to the run's device and dtype) for candidates named ``name``."""
+        self._models[(name, False, None)] = model.to(self.config.torch_device, self.config.torch_dtype)
+
+    @property
+    def counted_macs(self) -> Dict[str, Optional[int]]:
+        return dict(self._macs)
+
+    def params(self, model_name: str) -> int:
+        return sum(p.numel() for p in self.get(ModelCandidate(model_name)).parameters())
+
+    def macs(self, model_name: str) -> Optional[int]:
+        """Multiply-adds per image (paper-style count), or None when counting fails or is switched off."""
+        if not self.config.count_macs:
+            return None
+        if model_name not in self._macs:
+            start = time.perf_counter()
+            try:
+                self._macs[model_name] = count_macs(self.get(ModelCandidate(model_name)),
+                                                    (self.config.image_size, self.config.image_size),
+                                                    self.config.mac_source)
+                self.log(f"[models] {model_name}: {self._macs[model_name] / 1e9:.2f} GMAC/image "
+                         f"({time.perf_counter() - start:.1f} s)")
+            except Exception as e:  # noqa: BLE001 - a missing count leaves the column empty, not the run
+                self.log(f"[models] {model_name}: MACs not counted ({type(e).__name__}: {e})")
+                self._macs[model_name] = None
+        return self._macs[model_name]
+
+
+def _inputs(config: BenchConfig, batch: int, num_classes: int) -> Tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(config.seed + batch)
+    size = config.image_size
+    images = torch.randn(batch, 3, size, size, generator=gen).to(config.torch_device, config.torch_dtype)
+    labels = torch.randint(0, num_classes, (batch,), generator=gen).to(config.torch_device)
+    return images, labels
+
+
+def _model_bench(candidate: ModelCandidate, mode: str, pool: ModelPool, config: BenchConfig) -> Optional[Bench]:
+    """The harness entry of ``candidate`` in ``mode``, or None when the setting cannot run the mode."""
+    if mode.startswith("train") and not candidate.setting.trains:
+        return None
+    name = f"{candidate.name}/{mode}"
+
+    def unavailable(reason: str) -> Bench:
+        return Bench(name, lambda: None, skip_reason=reason)
+
+    try:
+        model = pool.get(candidate)
+    except (ValueError, RuntimeError) as e:
+        return unavailable(f"not built: {e}")
+    images, labels = _inputs(config, mode_batch(mode), getattr(model, "num_classes", 1000))
+    if mode.startswith("infer"):
+        call, prepare = infer_call(model, images, candidate.setting, config.threads)
+        return Bench(name, call, tensor_bytes(model, images), prepare=prepare,
+                     measure_memory=candidate.setting.runtime == "eager")
+    step, prepare = train_call(model, images, labels, candidate.setting)
+    return Bench(name, step, tensor_bytes(model, images, labels), prepare=prepare)
+
+
+def run_model_group(
+    config: BenchConfig,
+    pool: ModelPool,
+    candidates: Sequence[ModelCandidate],
+    modes: Sequence[str],
+    log: Log,
+    *,
+    group: str,
+    sink: Optional[RowSink] = None,
+    extra: Sequence[Bench] = (),
+) -> Dict[str, Outcome]:
+    """Measure every candidate in every mode it can run, interleaved in one group; rows go to ``sink``.
+
+    Returns the outcomes by ``"<candidate name>/<mode>"`` (and the names of ``extra`` benches).
+    """
+    benches = [b for c in candidates for m in modes if (b := _model_bench(c, m, pool, config)) is not None]
+    benches += list(extra)
+    log(f"[{group}] {len(benches)} candidates, {config.repeats} rounds")
+    outcomes = run_group(benches, repeats=config.repeats, warmup=config.warmup, device=config.torch_device,
+                         min_sample_s=config.min_sample_s, log=log)
+    if sink is not None:
+        for candidate in candidates:
+            for mode in modes:
+                outcome = outcomes.get(f"{candidate.name}/{mode}")
+                if outcome is None:
+                    continue
+                sink(model_row(candidate, mode, outcome, pool, config, group), outcome.samples_s)
+    return outcomes
+
+
+def model_row(candidate: ModelCandidate, mode: str, outcome: Outcome, pool: ModelPool, config: BenchConfig,
+              group: str) -> Dict[str, Any]:
+    """The timm-style row of one model measurement."""
+    info = outcome.info
+    notes = [f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()]
+    if outcome.setup_s is not None and outcome.setup_s >= 0.5:
+        notes.append(f"setup_s={outcome.setup_s:.1f}")
+    return measurement_row(
+        model=candidate.row_model, mode=mode.split("_b")[0], img_size=config.image_size,
+        batch_size=mode_batch(mode), outcome=outcome.to_dict(),
+        settings={**candidate.setting.to_dict(), "threads": config.threads, "device": config.device,
+                  "dtype": config.dtype},
+        params=pool.params(candidate.model), macs_per_image=pool.macs(candidate.model), group=group,
+        note="; ".join(notes))
 
 
 def run_models(
@@ -327,76 +485,69 @@ def run_models(
     modes: Sequence[str],
     with_matmul: bool,
     with_macs: bool,
+    sink: Optional[RowSink] = None,
 ) -> Dict[str, Any]:
-    """Whole models (and their originals) in every mode, plus optionally the matmul, interleaved.
+    """Whole models (and their originals) under every setting of ``config.settings``, one group per mode.
 
-    ``modes`` are ``infer_b{N}`` and ``train_b{N}`` names. Returns per-candidate outcomes, params,
-    and (``with_macs``) multiply-adds per image and the efficiency table.
+    ``modes`` are ``infer_b{N}`` and ``train_b{N}`` names; in each mode all candidates are interleaved
+    (the matmul joins the largest inference batch's group). Each group's rows go to ``sink`` as soon
+    as it finishes. Returns per-candidate outcomes, params, and (``with_macs``) the efficiency table.
     """
-    device, dtype = config.torch_device, config.torch_dtype
-    models: Dict[str, nn.Module] = {}
+    pool = ModelPool(config, log)
+    candidates: List[ModelCandidate] = []
     for name in model_names:
-        torch.manual_seed(config.seed)
-        start = time.perf_counter()
-        models[name] = _create_model(name).to(device, dtype)
-        log(f"[models] built {name} ({time.perf_counter() - start:.1f} s)")
+        for setting in config.settings:
+            candidates.append(ModelCandidate(name, setting))
+            for backend in config.model_backends:
+                if name in WITH_ORIGINAL:
+                    candidates.append(ModelCandidate(name, setting, backend=backend))
         if name in WITH_ORIGINAL:
-            original = copy.deepcopy(models[name])  # same weights, original algorithm
-            if use_original_bra(original) == 0:
-                raise ValueError(f"model {name!r} has no BiLevelRoutingAttention to swap")
-            models[original_name(name)] = original
+            candidates.append(ModelCandidate(name, original=True))
 
-    gen = torch.Generator().manual_seed(config.seed)
-    size = config.image_size
-    batches = sorted({int(m.split("_b")[1]) for m in modes})
-    images = {b: torch.randn(b, 3, size, size, generator=gen).to(device, dtype) for b in batches}
-    labels = {b: torch.randint(0, 1000, (b,), generator=gen).to(device) for b in batches}
-
-    benches: List[Bench] = []
-    for name, model in models.items():
-        for mode in modes:
-            batch = int(mode.split("_b")[1])
-            x = images[batch]
-            if mode.startswith("infer"):
-                benches.append(Bench(f"{name}/{mode}", _infer_call(model, x), tensor_bytes(model, x)))
-            else:
-                step, _ = _train_call(model, x, labels[batch])
-                benches.append(Bench(f"{name}/{mode}", step, tensor_bytes(model, x, labels[batch])))
+    infer_modes = [m for m in modes if m.startswith("infer")]
+    matmul_mode = max(infer_modes, key=mode_batch) if infer_modes else modes[-1]
     matmul_macs = 0
-    if with_matmul:
-        bench, matmul_macs = _matmul_bench(config)
-        benches.append(bench)
-    log(f"[models] {len(models)} models x {len(modes)} modes{' + matmul' if with_matmul else ''}, "
-        f"{config.repeats} rounds")
-    outcomes = run_group(benches, repeats=config.repeats, warmup=config.warmup, device=device,
-                         min_sample_s=config.min_sample_s, log=log)
+    outcomes: Dict[str, Outcome] = {}
+    for mode in modes:
+        extra: List[Bench] = []
+        if with_matmul and mode == matmul_mode:
+            bench, matmul_macs = _matmul_bench(config)
+            extra.append(bench)
+        outcomes.update(run_model_group(config, pool, candidates, [mode], log, group=f"models/{mode}",
+                                        sink=sink, extra=extra))
 
-    result: Dict[str, Any] = {"image_size": size, "modes": list(modes), "candidates": {}}
-    for name, model in models.items():
-        entry: Dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
+    result: Dict[str, Any] = {"image_size": config.image_size, "modes": list(modes), "candidates": {}}
+    models: Dict[str, nn.Module] = {}
+    for candidate in candidates:
+        entry: Dict[str, Any] = {"params": pool.params(candidate.model), "setting": candidate.setting.to_dict()}
         for mode in modes:
-            outcome = outcomes[f"{name}/{mode}"]
+            outcome = outcomes.get(f"{candidate.name}/{mode}")
+            if outcome is None:
+                continue
             entry[mode] = outcome.to_dict()
-            batch = int(mode.split("_b")[1])
-            entry[mode]["img_per_s"] = batch / outcome.median_s if outcome.median_s else None
-        result["candidates"][name] = entry
+            entry[mode]["img_per_s"] = mode_batch(mode) / outcome.median_s if outcome.median_s else None
+        result["candidates"][candidate.name] = entry
+        if candidate.setting == Setting() and candidate.backend is None:
+            models[candidate.name] = pool.get(candidate)
     if with_matmul:
         matmul = outcomes[MATMUL]
         result["matmul"] = {"size": config.matmul_size, **matmul.to_dict(),
                             "macs_per_s": matmul_macs / matmul.median_s if matmul.median_s else None}
     if with_macs:
-        result["efficiency"] = _efficiency(config, models, result, log)
+        known = {k: v for k, v in pool.counted_macs.items() if v is not None}
+        result["efficiency"] = _efficiency(config, models, result, log, known)
     return result
 
 
-def _efficiency(config: BenchConfig, models: Dict[str, nn.Module], result: Dict[str, Any], log: Log) -> Dict[str, Any]:
+def _efficiency(config: BenchConfig, models: Dict[str, nn.Module], result: Dict[str, Any], log: Log,
+                known_macs: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
     """Achieved multiply-adds per second of each model (largest inference batch) against the matmul."""
     source = resolve_mac_source(config.mac_source)
     infer_modes = [m for m in result["modes"] if m.startswith("infer")]
     mode = max(infer_modes, key=lambda m: int(m.split("_b")[1]))
     matmul_rate = result.get("matmul", {}).get("macs_per_s")
     rows: Dict[str, Any] = {}
-    macs_of: Dict[str, int] = {}
+    macs_of: Dict[str, int] = dict(known_macs or {})  # counted already for the rows
     for name, model in models.items():
         base = name.split(":")[0]
         if base not in macs_of:  # the original computes the same algorithm: same count
