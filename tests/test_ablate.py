@@ -211,3 +211,99 @@ def test_skeleton_swaps_only_the_mixer(mixer: str) -> None:
     assert attn[-1] == "GlobalAttentionLCE" and attn.count("GlobalAttentionLCE") == 1  # the last stage is shared
     assert all(a != "BiLevelRoutingAttention" for a in attn)
     assert other(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+# ---- the runner ---------------------------------------------------------------------------------
+
+
+def _tiny_image_folder(root: Path) -> Path:
+    """Two classes of 8x8 grey images (dark and light), four per class and split."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split, label in itertools.product(("train", "val"), (0, 1)):
+        folder = root / split / str(label)
+        folder.mkdir(parents=True)
+        for i in range(4):
+            pixels = (torch.rand(8, 8, generator=gen) * 100 + 150 * label).to(torch.uint8).numpy()
+            Image.fromarray(pixels, mode="L").convert("RGB").save(folder / f"{i}.png")
+    return root
+
+
+def test_runner_trains_each_run_once_resumes_and_writes_the_table(tmp_path: Path) -> None:
+    from biformer.ablate.runner import RESULT_FILE, TABLE_COLUMNS, AblationSettings, run_ablation
+    from biformer.errors import UserError
+
+    data = _tiny_image_folder(tmp_path / "data")
+    config = tmp_path / "train.yaml"
+    config.write_text("preset: digits\nbatch_size: 4\nnum_workers: 0\nlog_interval: 1\n")
+    settings = AblationSettings(output=str(tmp_path / "abl"), mixers=["bra", "window"], topks=[2], seeds=1,
+                                epochs=1, img_size=32, n_win=2, depths=[1, 1, 1, 1], embed_dims=[32, 32, 64, 64],
+                                data=str(data), config=str(config), device="cpu", bench_batch=2, bench_steps=1)
+    lines: list = []
+    results = run_ablation(settings, log=lines.append)
+    assert sorted(r["run"] for r in results) == ["bra-k2-s0", "window-s0"]
+    assert [line.split(" (")[0] for line in lines if line.startswith("train ")] == ["train bra-k2-s0", "train window-s0"]
+    runs = tmp_path / "abl" / "runs"
+    mtimes = {p: p.stat().st_mtime_ns for p in runs.glob(f"*/{RESULT_FILE}")}
+    weights = {p: p.stat().st_mtime_ns for p in runs.glob("*/last.safetensors")}
+    assert len(mtimes) == 2 and len(weights) == 2
+
+    # a rerun trains nothing: both runs are skipped and their files are untouched
+    lines.clear()
+    run_ablation(settings, log=lines.append)
+    assert not [line for line in lines if line.startswith("train ")]
+    assert sum(line.startswith("skip ") for line in lines) == 2
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in weights} == weights
+
+    # a run killed after training but before its result: resumed from its own checkpoint, not retrained
+    (runs / "window-s0" / RESULT_FILE).unlink()
+    lines.clear()
+    again = {r["run"]: r for r in run_ablation(settings, log=lines.append)}
+    assert again["window-s0"]["resumed"] is True and not again["bra-k2-s0"]["resumed"]
+    assert (runs / "window-s0" / "metrics.csv").read_text().count("\n") == 2  # header + the one epoch
+
+    # the table: the documented columns, one row per variant, and the plot
+    with open(tmp_path / "abl" / "table.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == TABLE_COLUMNS
+    assert [(r["mixer"], r["topk"]) for r in rows] == [("bra", "2"), ("window", "")]
+    for r in rows:
+        assert float(r["params_M"]) == float(rows[0]["params_M"]) > 0  # only the mixer differs
+        assert float(r["gflops"]) > 0 and float(r["img_per_s"]) > 0 and float(r["train_step_ms"]) > 0
+        assert 0 <= float(r["top1_mean"]) <= 100 and r["seeds"] == "1"
+    table_md = (tmp_path / "abl" / "table.md").read_text()
+    assert "| mixer | topk | params (M) | GFLOPs | img/s | train step (ms) | top-1 (%) | seeds |" in table_md
+    assert (tmp_path / "abl" / "accuracy_vs_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the same output with other shared settings would mix incomparable runs
+    settings.epochs = 2
+    with pytest.raises(UserError, match="epochs=1"):
+        run_ablation(settings, log=lines.append)
+
+
+def test_plan_covers_every_variant_and_shards_split_it_exactly() -> None:
+    from biformer.ablate.runner import parse_shard, plan_runs
+
+    runs = plan_runs(["bra", "window", "static"], [1, 4], seeds=2)
+    names = [r.name for r in runs]
+    assert names[:5] == ["bra-k1-s0", "bra-k4-s0", "window-s0", "static-k1-s0", "static-k4-s0"]
+    assert len(names) == len(set(names)) == 10
+    shards = [runs[i::n] for i, n in (parse_shard(f"{i}/3") for i in range(3))]
+    assert sorted(r.name for s in shards for r in s) == sorted(names)
+    assert all(len(s) in (3, 4) for s in shards)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mixers", "bra,swin"], "got mixer 'swin', expected names from " + ", ".join(MIXERS)),
+    (["--topk", "20"], "got topk=20 but stage 1 (16x16 tokens at img_size=64, n_win=4) has only 16 regions"),
+    (["--shard", "2/2"], "got --shard '2/2', expected 0 <= I < N"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys, argv, message) -> None:
+    from biformer.cli import main
+
+    assert main(["ablate", "--output", str(tmp_path / "abl"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"biformer ablate: error: {message}"
+    assert not (tmp_path / "abl").exists()  # nothing written for a refused ablation
