@@ -307,3 +307,20 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys, argv, mess
     err = capsys.readouterr().err
     assert err.strip() == f"biformer ablate: error: {message}"
     assert not (tmp_path / "abl").exists()  # nothing written for a refused ablation
+
+
+def test_under_torchrun_each_rank_takes_its_own_shard(tmp_path: Path, monkeypatch) -> None:
+    import biformer.ablate.runner as runner
+    from biformer.cli import main
+
+    seen = []
+    monkeypatch.setattr(runner, "run_ablation", lambda settings, shard: seen.append((settings.output, shard)))
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        assert main(["ablate", "--output", str(tmp_path / "a"), "--quick", "--threads", "1"]) == 0
+        assert main(["ablate", "--output", str(tmp_path / "b"), "--quick", "--threads", "1", "--shard", "0/2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [(str(tmp_path / "a"), (1, 3)), (str(tmp_path / "b"), (0, 2))]
