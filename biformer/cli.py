@@ -20,6 +20,7 @@ COMMANDS = {
     "complexity": ("biformer.analysis.cli_complexity", "FLOPs of one BRA layer against the region count S"),
     "visualize": ("biformer.viz.cli", "draw where queries route and attend"),
     "bench": ("biformer.bench.cli", "benchmark BRA backends and whole models against baselines"),
+    "ablate": ("biformer.ablate.cli", "the attention ablation: BRA against other token mixers in one skeleton"),
     "detect": ("biformer.detection.cli", "object detection: train, eval, predict"),
     "segment": ("biformer.segmentation.cli", "semantic segmentation: train, eval, predict"),
     "push-to-hub": ("biformer.hub", "share a run or checkpoint on the Hugging Face Hub in timm's layout"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -99,6 +99,7 @@ class BiFormerStage(nn.Module):
         cpe_kernel: int,
         norm_eps: float,
         bra_backend: str,
+        attn_factory: Optional[Callable[..., nn.Module]] = None,
     ) -> None:
         super().__init__()
         if downsample is None:
@@ -111,7 +112,12 @@ class BiFormerStage(nn.Module):
             raise ValueError(f"got downsample={downsample!r}, expected None, 'conv' or 'merge'")
         self.grad_checkpointing = False
 
-        def make_attn() -> nn.Module:
+        def make_attn(block: int) -> nn.Module:
+            if attn_factory is not None:  # the token-mixer hook of `biformer ablate`
+                return attn_factory(
+                    dim=dim, block=block, topk=topk, num_heads=num_heads, qk_dim=qk_dim, n_win=n_win,
+                    region_size=region_size, side_dwconv=side_dwconv, backend=bra_backend,
+                )
             if topk is None:
                 return GlobalAttentionLCE(dim, num_heads=8, side_dwconv=side_dwconv)
             return BiLevelRoutingAttention(
@@ -120,7 +126,7 @@ class BiFormerStage(nn.Module):
             )
 
         self.blocks = nn.Sequential(*[
-            BiFormerBlock(dim, make_attn(), mlp_ratio, drop_path[i], cpe_kernel, norm_eps) for i in range(depth)
+            BiFormerBlock(dim, make_attn(i), mlp_ratio, drop_path[i], cpe_kernel, norm_eps) for i in range(depth)
         ])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -166,6 +172,9 @@ class BiFormer(nn.Module):
         downsample: ``"conv"`` (conv3x3 s2 + BN) or ``"merge"`` (BN + conv2x2 s2, STL).
         cpe_kernel: kernel of the depthwise conv position embedding in each block; 0 disables it.
         bra_backend: backend of the routed attention, see :func:`biformer.ops.bi_level_routing_attention`.
+        attn_factory: builds each block's token mixer instead of BRA / global attention, called with
+            the block's settings as keywords (``dim, block, topk, num_heads, qk_dim, n_win,
+            region_size, side_dwconv, backend``); ``None`` (default) builds the BiFormer model.
     """
 
     def __init__(
@@ -189,6 +198,7 @@ class BiFormer(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         bra_backend: str = "auto",
+        attn_factory: Optional[Callable[..., nn.Module]] = None,
     ) -> None:
         super().__init__()
         if global_pool not in ("avg", ""):
@@ -226,6 +236,7 @@ class BiFormer(nn.Module):
                 cpe_kernel=cpe_kernel,
                 norm_eps=norm_eps,
                 bra_backend=bra_backend,
+                attn_factory=attn_factory,
             ))
             in_chs = embed_dims[i]
             self.feature_info.append(dict(num_chs=in_chs, reduction=4 * 2 ** i, module=f"stages.{i}"))
