@@ -278,6 +278,25 @@ MODEL_KWARG_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "bra_backend": (_backend_name, "'auto' or a backend of biformer.ops.available_backends()"),
 }
 
+# research variants built on BiFormer (e.g. biformer.ablate's skeleton): name -> (base kwargs, extra kwarg rules).
+# Registered by the module that defines them, so their checkpoints and configs pass the same checks.
+EXTRA_MODELS: Dict[str, Tuple[Dict[str, Any], Dict[str, Tuple[Callable[[Any], bool], str]]]] = {}
+
+
+def register_model_rules(name: str, base_kwargs: Dict[str, Any],
+                         kwarg_rules: Dict[str, Tuple[Callable[[Any], bool], str]]) -> None:
+    """Accept ``name`` as a model of our files and configs, with ``kwarg_rules`` on top of the BiFormer ones."""
+    EXTRA_MODELS[name] = (dict(base_kwargs), dict(kwarg_rules))
+
+
+def accepted_models() -> List[str]:
+    return sorted(MODEL_ARGS) + sorted(EXTRA_MODELS)
+
+
+def kwarg_rules_for(model_name: str) -> Dict[str, Tuple[Callable[[Any], bool], str]]:
+    return {**MODEL_KWARG_RULES, **EXTRA_MODELS.get(model_name, ({}, {}))[1]}
+
+
 _PRETRAINED_CFG_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "input_size": (lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(_int_in(1, 8192)(x) for x in v),
                    "3 integers in 1..8192 (C, H, W)"),
@@ -325,23 +344,24 @@ def validate_metadata(path: PathLike, metadata: Dict[str, str]) -> Tuple[str, Di
     where = str(path)
     model_name = metadata.get("model_name")
     if not isinstance(model_name, str) or not model_name:
-        raise CheckpointError(f"{where!r}: metadata has no 'model_name'; expected one of {sorted(MODEL_ARGS)}")
-    if model_name not in MODEL_ARGS:
+        raise CheckpointError(f"{where!r}: metadata has no 'model_name'; expected one of {accepted_models()}")
+    if model_name not in accepted_models():
         raise CheckpointError(f"{where!r}: metadata field 'model_name' is {model_name[:100]!r}, "
-                              f"expected one of {sorted(MODEL_ARGS)}")
+                              f"expected one of {accepted_models()}")
     kwargs = _json_field(path, metadata, "model_kwargs", {})
     if not isinstance(kwargs, dict):
         raise CheckpointError(f"{where!r}: metadata field 'model_kwargs' is a {type(kwargs).__name__}, expected "
                               "a JSON object")
+    rules = kwarg_rules_for(model_name)
     for key, value in kwargs.items():
-        if key not in MODEL_KWARG_RULES:
+        if key not in rules:
             raise CheckpointError(f"{where!r}: metadata field 'model_kwargs.{key[:100]}' is not accepted; "
-                                  f"expected only {sorted(MODEL_KWARG_RULES)}")
-        check, expected = MODEL_KWARG_RULES[key]
+                                  f"expected only {sorted(rules)}")
+        check, expected = rules[key]
         if not check(value):
             raise CheckpointError(f"{where!r}: metadata field 'model_kwargs.{key}' is {str(value)[:100]}, "
                                   f"expected {expected}")
-    params = _estimated_params(kwargs, MODEL_ARGS[model_name])
+    params = _estimated_params(kwargs, MODEL_ARGS.get(model_name) or EXTRA_MODELS[model_name][0])
     if params > _MAX_PARAMS:
         raise CheckpointError(f"{where!r}: metadata field 'model_kwargs' describes a model of about "
                               f"{params:.3g} parameters, expected at most {_MAX_PARAMS:.0e}")

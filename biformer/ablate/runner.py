@@ -235,19 +235,24 @@ def train_and_measure(settings: AblationSettings, spec: RunSpec, device: torch.d
     """Train one run with the classification engine (resuming its own checkpoint when it has one),
     measure it, and write its ``result.json``."""
     from ..train.cli_train import resolve
-    from ..train.engine import STATE_FILE, Trainer, check_output, write_config
+    from ..train.engine import STATE_FILE, Trainer, write_config
+    from ..train.rundir import prepare_run_folder
     from ..train.runtime import Runtime
 
     out = run_dir(settings, spec)
     cfg = resolve(train_config(settings, spec), 1, str(out))
     resume = (out / STATE_FILE).is_file()
     runtime = Runtime(device=device)  # one process per run: shards split runs, not batches
-    check_output(cfg, resume)
-    trainer = Trainer(cfg, runtime, resume=resume)
-    write_config(cfg, runtime)
-    started = time.perf_counter()
-    state = trainer.fit()
-    train_seconds = time.perf_counter() - started
+    # the run folder is the ablation's own: a run killed before its first checkpoint starts again
+    lock = prepare_run_folder(out, resume, overwrite=not resume, note=log)
+    try:
+        trainer = Trainer(cfg, runtime, resume=resume)
+        write_config(cfg, runtime)
+        started = time.perf_counter()
+        state = trainer.fit()
+        train_seconds = time.perf_counter() - started
+    finally:
+        lock.release()
     if not state.history:
         raise RuntimeError(f"run {spec.name} finished without an epoch of metrics")
     model = trainer.model

@@ -12,7 +12,8 @@ from typing import Any, Dict
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..models.biformer import MODEL_ARGS, BiFormer, _cfg, checkpoint_filter_fn
-from .mixers import mixer_factory
+from ..checkpoint import register_model_rules
+from .mixers import MIXERS, mixer_factory
 
 __all__ = ["DIGITS_SKELETON", "biformer_ablate"]
 
@@ -24,6 +25,11 @@ MODEL_NAME = "biformer_ablate"
 DIGITS_SKELETON: Dict[str, Any] = dict(depths=[2, 2, 2, 2], embed_dims=[32, 64, 128, 256], n_win=4)
 
 default_cfgs = generate_default_cfgs({f"{MODEL_NAME}.untrained": _cfg(first_conv="stem.conv")})
+
+
+register_model_rules(MODEL_NAME, MODEL_ARGS["biformer_stl"], {
+    "mixer": (lambda v: isinstance(v, str) and v in MIXERS, f"one of {', '.join(MIXERS)}"),
+})
 
 
 @register_model

@@ -323,20 +323,21 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.model not in _registered_models():
         raise UserValueError(f"got model={cfg.model!r}, expected one of the BiFormer variants {_registered_models()}")
     # what is trained must load again: the same rules as a checkpoint's metadata
-    from ..checkpoint import MODEL_KWARG_RULES
+    from ..checkpoint import kwarg_rules_for
 
+    rules = kwarg_rules_for(cfg.model)
     for key, value in cfg.model_kwargs.items():
-        if key not in MODEL_KWARG_RULES:
-            raise UserValueError(f"got model_kwargs.{key}, expected only {sorted(MODEL_KWARG_RULES)}")
-        check, expected = MODEL_KWARG_RULES[key]
+        if key not in rules:
+            raise UserValueError(f"got model_kwargs.{key}, expected only {sorted(rules)}")
+        check, expected = rules[key]
         if not check(value):
             raise UserValueError(f"got model_kwargs.{key}={value!r}, expected {expected}")
 
 
 def _registered_models() -> List[str]:
-    from ..models.biformer import MODEL_ARGS
+    from ..checkpoint import accepted_models
 
-    return sorted(MODEL_ARGS)
+    return accepted_models()
 
 
 def resolved_drop_path(cfg: TrainConfig) -> float:
