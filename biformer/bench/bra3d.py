@@ -67,9 +67,12 @@ def window_attention_3d(grid: RegionGrid, heads: int, scale: float) -> Callable[
     valid = grid.token_valid() if grid.is_padded else None  # (P, T)
 
     def mix(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        qr, kr, vr = (to_regions(t, grid, heads) for t in (q, k, v))  # (N, P, h, T, d)
-        mask = None if valid is None else valid.to(q.device)[None, :, None, None, :]  # keys only
-        return from_regions(F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, scale=scale), grid)
+        n, p, t = q.shape[0], grid.num_regions, grid.region_tokens
+        # 4-D (N*P, h, T, d): SDPA's fused CPU kernel takes only 4-D inputs (5-D falls back to the math path)
+        qr, kr, vr = (to_regions(x, grid, heads).flatten(0, 1) for x in (q, k, v))
+        mask = None if valid is None else valid.to(q.device).repeat(n, 1)[:, None, None, :]  # (N*P, 1, 1, T), keys
+        out = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, scale=scale)  # (N*P, h, T, dv)
+        return from_regions(out.view(n, p, heads, t, -1), grid)
 
     return mix
 
