@@ -235,3 +235,23 @@ def test_3d_layer_traces_fullgraph_forward_and_backward() -> None:
 def test_3d_layer_compiles_fullgraph_with_inductor() -> None:
     """The same through inductor (~2 min on the loaded 2-core machine)."""
     _check_compiled_layer("inductor")
+
+
+def test_bench_window_attention_3d_attends_within_each_region_only() -> None:
+    from biformer.bench.bra3d import window_attention_3d
+    from biformer.ops.regions import RegionGrid
+
+    q, k, v = _maps(2, 3, 5, 4, 8, 8, seed=7)
+    grid = RegionGrid.nd_from_region_size((3, 5, 4), (2, 2, 3))  # padded along every axis
+    out = window_attention_3d(grid, 2, 0.5)(q, k, v)
+    # independent: dense attention with "same region" as the mask, region ids by integer division
+    z, y, x = torch.meshgrid(torch.arange(3), torch.arange(5), torch.arange(4), indexing="ij")
+    region_of = ((z // 2) * 3 + y // 2) * 2 + x // 3
+    same = region_of.reshape(-1)[:, None] == region_of.reshape(-1)[None, :]  # (DHW, DHW)
+
+    def heads(t):
+        return t.reshape(2, 60, 2, 4).transpose(1, 2)
+
+    attn = ((heads(q) * 0.5) @ heads(k).transpose(-1, -2)).masked_fill(~same, float("-inf")).softmax(-1)
+    expected = (attn @ heads(v)).transpose(1, 2).reshape(2, 3, 5, 4, 8)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
