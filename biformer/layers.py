@@ -13,11 +13,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import UserValueError
-from .ops import bi_level_routing_attention
+from .ops import bi_level_routing_attention, bi_level_routing_attention_3d
 from .ops.compiled import depthwise_conv_nhwc
-from .ops.regions import IntOrPair
+from .ops.regions import IntOrPair, IntOrTriple
 
 DEFAULT_N_WIN = 7
+DEFAULT_N_WIN_3D = 4  # 4x4x4 = 64 regions, about the 49 of the 2D default
+
+_LAYOUTS_3D = ("NCDHW", "NDHWC")
 
 _LAYOUTS = ("NCHW", "NHWC")
 
@@ -25,6 +28,7 @@ _LAYOUTS = ("NCHW", "NHWC")
 # trace records them as single calls (leaves) instead of tracing into them; autograd passes through.
 torch.fx.wrap("bi_level_routing_attention")
 torch.fx.wrap("_to_nhwc")
+torch.fx.wrap("bi_level_routing_attention_3d")
 
 
 def _check_layout(layout: str) -> None:
@@ -68,6 +72,13 @@ def _check_grid_pair(name: str, value: IntOrPair) -> tuple:
     if len(pair) != 2 or not all(_is_int(v) and v >= 1 for v in pair):
         raise UserValueError(f"got {name}={value!r}, expected a positive integer or a pair of them")
     return pair
+
+
+def _check_grid_triple(name: str, value: IntOrTriple) -> tuple:
+    triple = (value,) * 3 if not isinstance(value, (tuple, list)) else tuple(value)
+    if len(triple) != 3 or not all(_is_int(v) and v >= 1 for v in triple):
+        raise UserValueError(f"got {name}={value!r}, expected a positive integer or three of them (d, h, w)")
+    return triple
 
 
 def _depthwise(dim: int, kernel_size: int) -> Optional[nn.Conv2d]:
@@ -175,6 +186,124 @@ class BiLevelRoutingAttention(nn.Module):
             out = out + local if torch.is_grad_enabled() else out.add_(local)
         out = self.proj(out)
         return out.permute(0, 3, 1, 2) if self.layout == "NCHW" else out
+
+
+def _to_ndhwc(x: Tensor, dim: int, layout: str) -> Tensor:
+    """Validate an input volume and return it channels-last (a view, no copy)."""
+    if x.dim() != 5:
+        raise ValueError(f"expected a 5-D {layout} tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
+    channels = x.shape[1] if layout == "NCDHW" else x.shape[-1]
+    if channels != dim:
+        raise ValueError(
+            f"got {channels} input channels (shape {tuple(x.shape)}, layout {layout}), expected dim={dim}"
+        )
+    spatial = x.shape[2:] if layout == "NCDHW" else x.shape[1:4]
+    if any(s == 0 for s in spatial):
+        raise ValueError(f"got an empty spatial size in input of shape {tuple(x.shape)} ({layout})")
+    return x.permute(0, 2, 3, 4, 1) if layout == "NCDHW" else x
+
+
+class BiLevelRoutingAttention3d(nn.Module):
+    """Bi-Level Routing Attention on volumes and video clips.
+
+    ``(N, dim, D, H, W)`` in, ``(N, dim, D, H, W)`` out, any ``D x H x W`` (``layout="NDHWC"`` for
+    ``(N, D, H, W, dim)``). The same layer as :class:`BiLevelRoutingAttention` on a 3D region grid
+    (:func:`biformer.ops.bi_level_routing_attention_3d`): regions are ``d x h x w`` token blocks,
+    padding is masked inside the op, and the LCE is a depthwise 3D conv on V.
+
+    Args:
+        dim: input and output channels.
+        num_heads: attention heads (must divide ``dim`` and ``qk_dim``).
+        n_win: regions per axis, an int (all three axes) or ``(d, h, w)``; default 4 unless
+            ``region_size`` is given.
+        topk: regions each query region attends to.
+        side_dwconv: kernel of the LCE (depthwise ``Conv3d`` on V); 0 disables it; must be odd.
+        qk_dim: width of queries and keys (default ``dim``).
+        region_size: tokens per region along each axis, instead of ``n_win`` (giving both is refused).
+        qkv_bias: bias of the q/k/v projection.
+        qk_scale: logit scale, finite and > 0; default ``qk_dim ** -0.5``.
+        layout: ``"NCDHW"`` or ``"NDHWC"``.
+        backend: attention backend of :func:`biformer.ops.bi_level_routing_attention_3d`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        n_win: Optional[IntOrTriple] = None,
+        topk: int = 4,
+        side_dwconv: int = 3,
+        *,
+        qk_dim: Optional[int] = None,
+        region_size: Optional[IntOrTriple] = None,
+        qkv_bias: bool = True,
+        qk_scale: Optional[float] = None,
+        layout: str = "NCDHW",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if layout not in _LAYOUTS_3D:
+            raise UserValueError(f"got layout={layout!r}, expected one of {_LAYOUTS_3D}")
+        _check_positive_int("dim", dim)
+        _check_positive_int("num_heads", num_heads)
+        if qk_dim is not None:
+            _check_positive_int("qk_dim", qk_dim)
+        qk_dim = dim if qk_dim is None else qk_dim
+        if qk_dim % num_heads or dim % num_heads:
+            raise UserValueError(f"got num_heads={num_heads}, which must divide dim={dim} and qk_dim={qk_dim}")
+        _check_positive_int("topk", topk)
+        _check_side_dwconv(side_dwconv)
+        if n_win is not None and region_size is not None:
+            raise UserValueError(f"got n_win={n_win!r} and region_size={region_size!r}; give at most one of them")
+        if region_size is not None:
+            _check_grid_triple("region_size", region_size)
+        else:
+            n_win = DEFAULT_N_WIN_3D if n_win is None else n_win
+            regions = math.prod(_check_grid_triple("n_win", n_win))
+            if topk > regions:
+                raise UserValueError(
+                    f"got topk={topk} but the map has only {regions} regions (n_win={n_win!r}); "
+                    f"expected 1 <= topk <= {regions}"
+                )
+        if qk_scale is not None and not (isinstance(qk_scale, (int, float)) and math.isfinite(qk_scale) and qk_scale > 0):
+            raise UserValueError(f"got qk_scale={qk_scale!r}, expected a finite number > 0 (or None for qk_dim ** -0.5)")
+        self.dim = dim
+        self.qk_dim = qk_dim
+        self.num_heads = num_heads
+        self.n_win = n_win
+        self.region_size = region_size
+        self.topk = topk
+        self.scale = float(qk_scale) if qk_scale is not None else qk_dim ** -0.5
+        self.layout = layout
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 2 * qk_dim + dim, bias=qkv_bias)
+        self.lce = (
+            nn.Conv3d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv > 0 else None
+        )
+        self.proj = nn.Linear(dim, dim)
+
+    def extra_repr(self) -> str:
+        grid = f"n_win={self.n_win}" if self.region_size is None else f"region_size={self.region_size}"
+        return f"dim={self.dim}, qk_dim={self.qk_dim}, num_heads={self.num_heads}, {grid}, topk={self.topk}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _to_ndhwc(x, self.dim, self.layout)  # (N, D, H, W, C)
+        q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
+        out = bi_level_routing_attention_3d(
+            q, k, v,
+            num_heads=self.num_heads,
+            topk=self.topk,
+            n_win=self.n_win,
+            region_size=self.region_size,
+            scale=self.scale,
+            backend=self.backend,
+        )  # (N, D, H, W, C)
+        if self.lce is not None:
+            # the NCDHW view of a contiguous NDHWC map is channels_last_3d
+            local = self.lce(v.contiguous().permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)  # (N, D, H, W, C)
+            out = out + local
+        out = self.proj(out)
+        return out.permute(0, 4, 1, 2, 3) if self.layout == "NCDHW" else out
 
 
 class GlobalAttentionLCE(nn.Module):

@@ -34,12 +34,13 @@ from .backends.reference import routed_logits
 from .cost import prefer_dense
 from .errors import BackendUnavailable
 from .gather import gather_routed, region_token_index, routed_key_valid  # noqa: F401  (public helpers)
-from .regions import IntOrPair, RegionGrid, Routing, resolve_grid, route, to_regions
+from .regions import IntOrPair, IntOrTriple, RegionGrid, Routing, resolve_grid, resolve_grid_nd, route, to_regions
 from .routing_rule import dense_token_mask as dense_routing_mask  # noqa: F401  (former name)
 from .routing_rule import token_region  # noqa: F401
 
 __all__ = [
     "bi_level_routing_attention",
+    "bi_level_routing_attention_3d",
     "routed_attention_weights",
     "select_backend",
     "available_backends",
@@ -48,7 +49,7 @@ __all__ = [
 
 
 def _is_static(grid: RegionGrid) -> bool:
-    return isinstance(grid.height * grid.width, int)
+    return isinstance(grid.tokens, int)
 
 
 def available_backends(
@@ -69,7 +70,7 @@ def available_backends(
     """
     grid = None
     if q is not None and (n_win is not None or region_size is not None):
-        grid = resolve_grid(q.shape[1], q.shape[2], n_win=n_win, region_size=region_size)
+        grid = resolve_grid_nd(q.shape[1:-1], n_win=n_win, region_size=region_size)  # 2D or 3D by q's rank
     return tuple(name for name, b in BACKENDS.items() if b.can_run(q, k, v, grid, topk, num_heads) is None)
 
 
@@ -95,22 +96,50 @@ def _auto_backend(q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, topk: int, 
 # the op
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, num_heads: int) -> None:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, num_heads: int, layout: str = "(N, H, W, C)") -> None:
+    rank = layout.count(",") + 1
+    spatial = layout[4:-4]  # "H, W" or "D, H, W"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
+        if t.dim() != rank:
             raise ValueError(
-                f"expected {name} of shape (N, H, W, C), got a {t.dim()}-D tensor of shape {tuple(t.shape)}"
+                f"expected {name} of shape {layout}, got a {t.dim()}-D tensor of shape {tuple(t.shape)}"
             )
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
+    if v.shape[:-1] != q.shape[:-1]:
         raise ValueError(
-            f"v must share q's (N, H, W), got q {tuple(q.shape)} and v {tuple(v.shape)}"
+            f"v must share q's (N, {spatial}), got q {tuple(q.shape)} and v {tuple(v.shape)}"
         )
     if num_heads < 1 or q.shape[-1] % num_heads or v.shape[-1] % num_heads:
         raise ValueError(
             f"got num_heads={num_heads}, which must divide the q/k width {q.shape[-1]} and the v width {v.shape[-1]}"
         )
+
+
+def _attend(
+    q: Tensor, k: Tensor, v: Tensor, grid: RegionGrid, *, num_heads: int, topk: int,
+    scale: Optional[float], backend: str, return_routing: bool,
+) -> Union[Tensor, Tuple[Tensor, Routing]]:
+    """Routing and attention on a resolved 2D or 3D grid: the mechanism both public ops share."""
+    if not 1 <= topk <= grid.num_regions:
+        raise ValueError(
+            f"got topk={topk} but the map has only {grid.num_regions} regions "
+            f"({grid.describe()}); expected 1 <= topk <= {grid.num_regions}"
+        )
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if backend == "auto":
+        backend = _auto_backend(q, k, v, grid, topk, num_heads)
+    elif backend not in BACKENDS:
+        raise BackendUnavailable(f"got backend={backend!r}, expected 'auto' or one of {tuple(BACKENDS)}")
+    else:
+        reason = BACKENDS[backend].can_run(q, k, v, grid, topk, num_heads)
+        if reason is not None:
+            raise BackendUnavailable(reason)
+
+    routing = route(q, k, grid, topk, scale)
+    out = BACKENDS[backend].run(q, k, v, routing, num_heads, scale)  # (N, *size, C_v)
+    return (out, routing) if return_routing else out
 
 
 def bi_level_routing_attention(
@@ -143,27 +172,40 @@ def bi_level_routing_attention(
         ``(N, H, W, C_v)``, and the routing when asked for.
     """
     _check_inputs(q, k, v, num_heads)
-    n, height, width, c_qk = q.shape
-    grid = resolve_grid(height, width, n_win=n_win, region_size=region_size)
-    if not 1 <= topk <= grid.num_regions:
-        raise ValueError(
-            f"got topk={topk} but the map has only {grid.num_regions} regions "
-            f"({grid.rows}x{grid.cols} for a {height}x{width} map); expected 1 <= topk <= {grid.num_regions}"
-        )
-    if scale is None:
-        scale = c_qk ** -0.5
-    if backend == "auto":
-        backend = _auto_backend(q, k, v, grid, topk, num_heads)
-    elif backend not in BACKENDS:
-        raise BackendUnavailable(f"got backend={backend!r}, expected 'auto' or one of {tuple(BACKENDS)}")
-    else:
-        reason = BACKENDS[backend].can_run(q, k, v, grid, topk, num_heads)
-        if reason is not None:
-            raise BackendUnavailable(reason)
+    grid = resolve_grid(q.shape[1], q.shape[2], n_win=n_win, region_size=region_size)
+    return _attend(q, k, v, grid, num_heads=num_heads, topk=topk, scale=scale, backend=backend,
+                   return_routing=return_routing)
 
-    routing = route(q, k, grid, topk, scale)
-    out = BACKENDS[backend].run(q, k, v, routing, num_heads, scale)  # (N, H, W, C_v)
-    return (out, routing) if return_routing else out
+
+def bi_level_routing_attention_3d(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    num_heads: int,
+    topk: int,
+    n_win: Optional[IntOrTriple] = None,
+    region_size: Optional[IntOrTriple] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+    return_routing: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Routing]]:
+    """Bi-Level Routing Attention on channels-last volumes or clips, ``(N, D, H, W, C)``.
+
+    The same op as :func:`bi_level_routing_attention` on a 3D region grid: regions are
+    ``region_d x region_h x region_w`` blocks, numbered row-major over (depth, rows, cols); maps the
+    grid does not divide are padded at the end of every axis and the padding masked exactly as in 2D.
+    ``n_win=(d, h, w)`` regions per axis or ``region_size=(d, h, w)`` tokens per axis (an int is
+    used for all three). With ``D = 1`` and one region along depth it equals the 2D op on ``q[:, 0]``.
+    No compiled custom op is used for 3D (under ``torch.compile`` the sdpa backend runs traced code).
+
+    Returns:
+        ``(N, D, H, W, C_v)``, and the :class:`Routing` when asked for.
+    """
+    _check_inputs(q, k, v, num_heads, layout="(N, D, H, W, C)")
+    grid = resolve_grid_nd(q.shape[1:4], n_win=n_win, region_size=region_size)
+    return _attend(q, k, v, grid, num_heads=num_heads, topk=topk, scale=scale, backend=backend,
+                   return_routing=return_routing)
 
 
 def routed_attention_weights(

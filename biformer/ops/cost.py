@@ -23,7 +23,7 @@ DENSE_MAX_TOKENS = 1024
 
 
 def dense_cost(grid: RegionGrid) -> int:
-    tokens = grid.height * grid.width
+    tokens = grid.tokens
     return tokens * tokens
 
 
@@ -34,5 +34,5 @@ def routed_cost(grid: RegionGrid, topk: int, overhead_tokens: int = ROUTED_REGIO
 
 def prefer_dense(grid: RegionGrid, topk: int) -> bool:
     """Whether dense is cheaper than routed for this grid and topk (static sizes only)."""
-    tokens = grid.height * grid.width
+    tokens = grid.tokens
     return tokens <= DENSE_MAX_TOKENS and dense_cost(grid) <= routed_cost(grid, topk)

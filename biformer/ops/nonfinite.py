@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .regions import RegionGrid, Routing, pad_map
+from .regions import RegionGrid, Routing, _interleave, pad_map
 
 _NAN = float("nan")
 _INF = float("inf")
@@ -55,17 +55,17 @@ def sanitise(x: Tensor, keep_inf: bool = False) -> Tensor:
 
 
 def _region_reduce(x: Tensor, grid: RegionGrid, largest: bool) -> Tensor:
-    """Max (or min) over each region's tokens: ``(N, H, W, C)`` -> ``(N, P, C)``; NaN propagates.
+    """Max (or min) over each region's tokens: ``(N, *size, C)`` -> ``(N, P, C)``; NaN propagates.
 
     Zero padding never turns a region's NaN or ±inf into something else, which is all we read.
-    Two passes (within region rows, then over them), as in ``region_means``: one reduction over two
-    non-adjacent dims is several times slower on the CPU.
+    Two passes (along the innermost region axis, then over the others), as in ``region_means``: one
+    reduction over non-adjacent dims is several times slower on the CPU.
     """
-    n, _, _, c = x.shape
+    n, c, k = x.shape[0], x.shape[-1], grid.ndim
     reduce = torch.amax if largest else torch.amin
-    x = pad_map(x, grid).view(n, grid.padded_h, grid.cols, grid.region_w, c)
-    x = reduce(x, dim=3).view(n, grid.rows, grid.region_h, grid.cols, c)  # (N, rows, region_h, cols, C)
-    return reduce(x, dim=2).reshape(n, grid.num_regions, c)
+    x = pad_map(x, grid).view(n, *_interleave(grid.counts, grid.region), c)
+    x = reduce(x, dim=2 * k)  # (N, c1, r1, .., ck, C)
+    return reduce(x, dim=tuple(range(2, 2 * k, 2))).reshape(n, grid.num_regions, c)
 
 
 def _over_routed(per_region: Tensor, routing: Routing) -> Tensor:
@@ -80,7 +80,7 @@ def _over_routed(per_region: Tensor, routing: Routing) -> Tensor:
 def nonfinite_term(
     q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: int, *, keep_inf_keys: bool
 ) -> Tensor:
-    """``(N, H, W, C_v)``: 0 where ``reference``'s output is finite, else its NaN or ±inf (see the module doc).
+    """``(N, *size, C_v)``: 0 where ``reference``'s output is finite, else its NaN or ±inf (see the module doc).
 
     ``keep_inf_keys``: the backend was given ±inf keys as they are (``sdpa``, ``flex``); otherwise a
     routed ±inf key makes the row NaN. Built from max/min reductions, which propagate NaN and keep
@@ -89,15 +89,15 @@ def nonfinite_term(
     from .routing_rule import token_region
 
     grid = routing.grid
-    n, height, width, c_v = v.shape
+    n, c_v, tokens = v.shape[0], v.shape[-1], grid.tokens
     h, d_qk = num_heads, q.shape[-1] // num_heads
     zero = torch.zeros((), dtype=v.dtype, device=v.device)
 
     # keys: per token and head, NaN when the token makes a row that routes to it NaN
-    k_heads = k.view(n, height, width, h, d_qk)
-    k_peak = (k_heads if keep_inf_keys else k_heads.abs()).amax(-1)  # (N, H, W, h): NaN (or inf) if any
+    k_heads = k.view(*k.shape[:-1], h, d_qk)
+    k_peak = (k_heads if keep_inf_keys else k_heads.abs()).amax(-1)  # (N, *size, h): NaN (or inf) if any
     k_bad = ~torch.isfinite(k_peak) if not keep_inf_keys else torch.isnan(k_peak)
-    k_flag = torch.where(k_bad, _NAN, zero)  # (N, H, W, h)
+    k_flag = torch.where(k_bad, _NAN, zero)  # (N, *size, h)
 
     # one gather over the routed regions for everything: max of v, max of -v (min), key flags
     per_region = torch.cat([
@@ -109,8 +109,8 @@ def nonfinite_term(
     v_term = torch.where(torch.isnan(v_max), _NAN, v_term)  # (N, P, C_v)
 
     region_term = v_term.view(n, -1, h, c_v // h) + k_term.unsqueeze(-1)  # (N, P, h, dv)
-    token_term = region_term[:, token_region(grid, v.device)]  # (N, HW, h, dv)
+    token_term = region_term[:, token_region(grid, v.device)]  # (N, tokens, h, dv)
     # queries: x * 0 is NaN exactly when x is NaN or ±inf
-    q_term = q.view(n, height * width, h, d_qk).abs().amax(-1, keepdim=True) * 0  # (N, HW, h, 1)
-    return (token_term + q_term.to(v.dtype)).view(n, height, width, c_v)
+    q_term = q.view(n, tokens, h, d_qk).abs().amax(-1, keepdim=True) * 0  # (N, tokens, h, 1)
+    return (token_term + q_term.to(v.dtype)).view(v.shape)
 

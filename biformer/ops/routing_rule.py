@@ -46,10 +46,13 @@ def routing_mask_mod(
 
 
 def token_region(grid: RegionGrid, device: Optional[torch.device] = None) -> Tensor:
-    """``(H*W,)`` region number of every real token, row-major."""
-    ys = torch.arange(grid.height, device=device) // grid.region_h
-    xs = torch.arange(grid.width, device=device) // grid.region_w
-    return (ys[:, None] * grid.cols + xs[None, :]).reshape(-1)
+    """``(tokens,)`` region number of every real token, row-major (``H*W`` or ``D*H*W`` tokens)."""
+    region = torch.zeros((1,) * grid.ndim, dtype=torch.long, device=device)
+    for axis, (s, r, c) in enumerate(zip(grid.size, grid.region, grid.counts)):
+        shape = [1] * grid.ndim
+        shape[axis] = s
+        region = region * c + (torch.arange(s, device=device) // r).view(shape)  # (*size) after the loop
+    return region.reshape(-1)
 
 
 def image_order_mask_mod(routing: Routing) -> MaskMod:
@@ -77,7 +80,7 @@ def evaluate_mask_mod(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, de
 
 
 def dense_token_mask(routing: Routing) -> Tensor:
-    """``(N, 1, H*W, H*W)`` bool over row-major image tokens: the rule, materialised."""
-    tokens = routing.grid.height * routing.grid.width
+    """``(N, 1, tokens, tokens)`` bool over row-major image tokens: the rule, materialised."""
+    tokens = routing.grid.tokens
     n = routing.indices.shape[0]
     return evaluate_mask_mod(image_order_mask_mod(routing), n, tokens, tokens, routing.indices.device)

@@ -18,19 +18,18 @@ NAME = "dense"
 
 
 def dense_backend(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: int, scale: float) -> Tensor:
-    n, height, width, _ = q.shape
-    h = num_heads
+    n, tokens, h = q.shape[0], routing.grid.tokens, num_heads
     # the mask is added to every logit of the map, so no non-finite key or value may reach the kernel
     term = None
     if may_be_nonfinite(q, k, v):
         term = nonfinite_term(q, k, v, routing, num_heads, keep_inf_keys=False)
         q, k, v = sanitise(q), sanitise(k), sanitise(v)
 
-    def heads(x: Tensor) -> Tensor:  # (N, H, W, C) -> (N, h, HW, C/h), a view
-        return x.reshape(n, height * width, h, x.shape[-1] // h).transpose(1, 2)
+    def heads(x: Tensor) -> Tensor:  # (N, *size, C) -> (N, h, tokens, C/h), a view
+        return x.reshape(n, tokens, h, x.shape[-1] // h).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=dense_token_mask(routing), scale=scale)
-    out = out.transpose(1, 2).reshape(n, height, width, v.shape[-1])  # (N, h, HW, dv) -> (N, H, W, C_v)
+    out = out.transpose(1, 2).reshape(*v.shape)  # (N, h, tokens, dv) -> (N, *size, C_v)
     return out if term is None else out + term
 
 

@@ -27,25 +27,25 @@ def sdpa_backend(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: i
     # what the kernel may hide of reference's NaN/inf (see biformer.ops.nonfinite)
     term = nonfinite_term(q, k, v, routing, num_heads, keep_inf_keys=True) if may_be_nonfinite(q, k, v) else None
     zero_row = term is not None and grid.is_padded  # padded slots must read zeros, not a neighbour's NaN
-    if use_compiled_ops(q) and not zero_row:
+    if use_compiled_ops(q) and not zero_row and grid.ndim == 2:  # the custom op is 2D only
         out = routed_sdpa_op(q, k, v, routing, num_heads, scale)
         return out if term is None else out + term
-    n, height, width, _ = q.shape
+    n = q.shape[0]
     p, t, topk, h = grid.num_regions, grid.region_tokens, routing.indices.shape[-1], num_heads
     rows = routed_rows(routing, n, zero_row=zero_row)  # (N*P*k*T,)
 
-    def routed(x: Tensor) -> Tensor:  # (N, H, W, C) -> (N*P, h, k*T, C/h)
+    def routed(x: Tensor) -> Tensor:  # (N, *size, C) -> (N*P, h, k*T, C/h)
         c = x.shape[-1]
-        flat = x.reshape(n * height * width, c)
+        flat = x.reshape(n * grid.tokens, c)
         if zero_row:
-            flat = torch.cat([flat, flat.new_zeros(1, c)])  # (N*H*W + 1, C)
+            flat = torch.cat([flat, flat.new_zeros(1, c)])  # (N*tokens + 1, C)
         return flat.index_select(0, rows).view(n * p, topk * t, h, c // h).transpose(1, 2)
 
     mask = routed_key_valid(routing, q.device)
     if mask is not None:
         mask = mask.view(n * p, 1, 1, topk * t)
     out = F.scaled_dot_product_attention(query_regions(q, grid, h), routed(k), routed(v), attn_mask=mask, scale=scale)
-    out = regions_to_map(out, grid, n)  # (N*P, h, T, dv) -> (N, H, W, C_v)
+    out = regions_to_map(out, grid, n)  # (N*P, h, T, dv) -> (N, *size, C_v)
     return out if term is None else out + term
 
 
