@@ -14,14 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import biformer  # noqa: F401  (registers the models)
-from biformer.backbone import (
-    SAMPLE_IMAGES,
-    BiFormerBackbone,
-    LRSchedule,
-    TrainLoop,
-    build_optimizer,
-    load_image,
-)
+from biformer.backbone import BiFormerBackbone
+from biformer.engine.optim import LRSchedule, build_optimizer
+from biformer.engine.steploop import TrainLoop
+from biformer.images import SAMPLE_IMAGES, load_image
 from biformer.checkpoint import save_model
 from biformer.models.biformer import MODEL_ARGS, CheckpointMismatchError
 
@@ -59,7 +55,7 @@ def test_small_maps_with_n_win_16_pad_regions():
 
 
 def test_topk_larger_than_region_grid_is_refused():
-    with pytest.raises(ValueError, match=r"topk=16 regions but the grid has only 9"):
+    with pytest.raises(ValueError, match=r"topk=16 but the map has only 9 regions \(n_win=3\)"):
         BiFormerBackbone("biformer_tiny", n_win=3, **TINY)
 
 
@@ -207,7 +203,7 @@ def test_registers_with_mm_registries_when_present(monkeypatch):
     for name in ("mmdet", "mmdet.registry"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     sys.modules["mmdet.registry"].MODELS = FakeRegistry()
-    import biformer.mm as mm
+    import biformer.integrations.mm as mm
 
     assert mm.register() == ["mmdet.registry.MODELS"]
     cls = registered[mm.REGISTRY_NAME]
@@ -239,12 +235,12 @@ def _load_config(path: Path) -> Dict[str, Any]:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.py")), ids=lambda p: p.name)
 def test_mm_configs_name_our_backbone_with_matching_widths(path):
-    from biformer.mm import REGISTRY_NAME
+    from biformer.integrations.mm import REGISTRY_NAME
 
     cfg = _load_config(path)
     backbone = cfg["model"]["backbone"]
     assert backbone["type"] == REGISTRY_NAME
-    assert cfg["custom_imports"]["imports"] == ["biformer.mm"]
+    assert cfg["custom_imports"]["imports"] == ["biformer.integrations.mm"]
     dims = list(MODEL_ARGS[backbone["model_name"]]["embed_dims"])
     assert backbone["n_win"] == (16 if path.parent.name == "detection" else 8)
     model = cfg["model"]

@@ -118,7 +118,7 @@ def _decode_open_rgb(tmp_path, png):
 
 
 def _decode_backbone(tmp_path, png):
-    from biformer.backbone import load_image
+    from biformer.images import load_image
 
     return load_image(png)
 
@@ -130,7 +130,7 @@ def _decode_viz(tmp_path, png):
 
 
 def _decode_train_folder(tmp_path, png):
-    from biformer.train.data import open_source
+    from biformer.classification.data import open_source
 
     return open_source(None, str(tmp_path / "data"), "train").load(0)[0]
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from biformer.backbone import LRSchedule, TrainLoop, build_optimizer
+from biformer.engine.optim import LRSchedule, build_optimizer
+from biformer.engine.steploop import TrainLoop
 from biformer.cli import main
 from biformer.segmentation import (
     SegmentationFolder,
@@ -177,7 +178,7 @@ def test_cli_train_eval_predict(ade, tmp_path, capsys):
     with Image.open(png) as im:
         assert im.size == (451, 300) and im.mode == "RGB"
         assert np.asarray(im).std() > 0
-    assert main(["segment", "predict", "no_such_image.png", "--checkpoint", str(run / "last.safetensors")]) == 1
+    assert main(["segment", "predict", "no_such_image.png", "--checkpoint", str(run / "last.safetensors")]) == 2
 
 
 @pytest.mark.slow

@@ -20,8 +20,10 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..errors import UserFileNotFoundError, UserValueError
-from ..backbone import (SAMPLE_IMAGES, LRSchedule, TrainLoop, build_optimizer, load_image, logged_evaluation,
-                        resolve_device)
+from ..engine.optim import LRSchedule, build_optimizer
+from ..engine.runtime import resolve_device
+from ..engine.steploop import TrainLoop, logged_evaluation
+from ..images import SAMPLE_IMAGES, load_image
 from ..resources import check_arguments, check_aspect, check_memory, json_argument
 from .data import CocoDetection, _read_coco_json, collate
 from .engine import COCO_METRICS, detection_losses, draw_detections, evaluate_coco

@@ -19,7 +19,7 @@ COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def detection_losses(model: nn.Module, device: torch.device) -> Callable[[Any], Dict[str, Tensor]]:
-    """``batch -> loss dict`` for :class:`biformer.backbone.TrainLoop`."""
+    """``batch -> loss dict`` for :class:`biformer.engine.steploop.TrainLoop`."""
 
     def compute(batch: Tuple[List[Tensor], List[Dict[str, Tensor]]]) -> Dict[str, Tensor]:
         images, targets = batch
@@ -119,7 +119,7 @@ def draw_detections(
     """
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-    from ..backbone import class_colors, label_font_path
+    from ..viz.colors import class_colors, label_font_path
 
     if image.dtype != torch.uint8:
         image = (image.clamp(0, 1) * 255).round().to(torch.uint8)

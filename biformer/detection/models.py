@@ -26,7 +26,8 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from ..errors import UserValueError
-from ..backbone import BiFormerBackbone, PathLike, load_task_model, save_task_model
+from ..backbone import BiFormerBackbone, PathLike
+from ..checkpoint import load_task_model, save_task_model
 
 __all__ = ["BiFormerFPN", "BiFormerRetinaNet", "retinanet", "mask_rcnn", "BUILDERS", "save_detector", "load_detector"]
 

@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserFileNotFoundError, UserValueError
-from ..backbone import (SAMPLE_IMAGES, LRSchedule, TrainLoop, build_optimizer, load_image, logged_evaluation,
-                        resolve_device)
+from ..engine.optim import LRSchedule, build_optimizer
+from ..engine.runtime import resolve_device
+from ..engine.steploop import TrainLoop, logged_evaluation
+from ..images import SAMPLE_IMAGES, load_image
 from ..resources import check_arguments, check_aspect, check_memory, json_argument
 from .data import SegmentationFolder, class_names_for, rescale_size
 from .engine import evaluate_miou, overlay, segmentation_losses

@@ -22,7 +22,7 @@ __all__ = ["segmentation_losses", "confusion_matrix", "metrics_from_confusion", 
 
 
 def segmentation_losses(model: nn.Module, device: torch.device) -> Callable[[Any], Dict[str, Tensor]]:
-    """``batch -> loss dict`` for :class:`biformer.backbone.TrainLoop`."""
+    """``batch -> loss dict`` for :class:`biformer.engine.steploop.TrainLoop`."""
 
     def compute(batch: Tuple[Tensor, Tensor]) -> Dict[str, Tensor]:
         images, labels = batch
@@ -90,7 +90,7 @@ def overlay(
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    from ..backbone import class_colors, label_font_path
+    from ..viz.colors import class_colors, label_font_path
 
     palette = torch.tensor(class_colors(len(class_names)), dtype=torch.float32)  # (K, 3)
     colour = palette[prediction.long()].permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)

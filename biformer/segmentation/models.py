@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import FeaturePyramidNetwork
 
-from ..backbone import BiFormerBackbone, PathLike, load_task_model, save_task_model
+from ..backbone import BiFormerBackbone, PathLike
+from ..checkpoint import load_task_model, save_task_model
 
 __all__ = [
     "Segmentor",

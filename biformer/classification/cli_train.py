@@ -129,8 +129,8 @@ def _on_main_first(runtime: Any, step: Callable[[], T]) -> Optional[T]:
 
 def run(args: argparse.Namespace) -> int:
     from .engine import Trainer, log, write_config
-    from .rundir import prepare_run_folder
-    from .runtime import init_runtime, shutdown
+    from ..engine.rundir import prepare_run_folder
+    from ..engine.runtime import init_runtime, shutdown
 
     cfg = load_config(args)
     runtime = init_runtime(cfg.device)

@@ -38,8 +38,8 @@ from ..errors import UserError, UserValueError
 from ..models.biformer import CheckpointMismatchError, checkpoint_filter_fn
 from . import data as data_lib
 from .config import TrainConfig, dump_yaml, resolved_drop_path, resolved_lr, to_dict
-from .logs import RunLog, plot_curves
-from .runtime import Runtime, all_reduce_min, all_reduce_sum, autocast, barrier, resolve_amp
+from ..engine.logs import RunLog, plot_curves
+from ..engine.runtime import Runtime, all_reduce_min, all_reduce_sum, autocast, barrier, resolve_amp
 
 STATE_FORMAT = "biformer-train-state"
 STATE_VERSION = 1
