@@ -39,28 +39,13 @@ from ..models.biformer import CheckpointMismatchError, checkpoint_filter_fn
 from . import data as data_lib
 from .config import TrainConfig, dump_yaml, resolved_drop_path, resolved_lr, to_dict
 from ..engine.logs import RunLog, plot_curves
+from ..engine.loop import TrainingDiverged, derived_seed, log
 from ..engine.runtime import Runtime, all_reduce_min, all_reduce_sum, autocast, barrier, resolve_amp
 
 STATE_FORMAT = "biformer-train-state"
 STATE_VERSION = 1
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
-
-
-class TrainingDiverged(UserError, FloatingPointError):
-    """The training loss became NaN or infinite; the run stops and keeps its last good state."""
-
-
-def log(message: str, runtime: Optional[Runtime] = None) -> None:
-    """Print on the main process, without breaking progress bars."""
-    if runtime is None or runtime.is_main:
-        from tqdm import tqdm
-
-        tqdm.write(message, file=sys.stderr)
-
-
-def derived_seed(*values: int) -> int:
-    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, np.uint64)[0] >> 1)
 
 
 # ---- evaluation --------------------------------------------------------------------------------

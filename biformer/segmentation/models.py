@@ -258,9 +258,10 @@ def semantic_fpn(
 BUILDERS = {"upernet": upernet, "semantic_fpn": semantic_fpn}
 
 
-def save_segmentor(path: PathLike, model: nn.Module, class_names: Sequence[str]) -> None:
+def save_segmentor(path: PathLike, model: nn.Module, class_names: Sequence[str],
+                   extra_metadata: Optional[Dict[str, str]] = None) -> None:
     """Write a segmentor built here, with its class names, to a safetensors file (atomically)."""
-    save_task_model(path, model, TASK, class_names)
+    save_task_model(path, model, TASK, class_names, extra_metadata)
 
 
 def load_segmentor(path: PathLike) -> "tuple[nn.Module, Dict[str, Any]]":
