@@ -190,7 +190,7 @@ class Engine:
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             self.train_model: nn.Module = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=True)
+                find_unused_parameters=False)
         else:
             self.train_model = self.model
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)

@@ -189,7 +189,11 @@ class Segmentor(nn.Module):
             aux = _resize(self.auxiliary_head(feats[self.auxiliary_index]), size)
         return logits, aux
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, labels: Optional[Tensor] = None) -> Any:
+        """Logits ``(B, K, H, W)``; with ``labels``, the training losses (as torchvision's detectors do,
+        so that DDP sees the training forward)."""
+        if labels is not None:
+            return self.losses(images, labels)
         head_in, _ = self._features(images)
         return _resize(self.decode_head(head_in), images.shape[-2:])  # (B, K, H/4, W/4) -> (B, K, H, W)
 
