@@ -12,22 +12,10 @@ from torch import Tensor
 
 from .data import CocoDetection
 
-__all__ = ["detection_losses", "to_coco_results", "evaluate_coco", "draw_detections", "COCO_METRICS"]
+__all__ = ["to_coco_results", "evaluate_coco", "draw_detections", "COCO_METRICS"]
 
 # the order of COCOeval.stats
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-def detection_losses(model: nn.Module, device: torch.device) -> Callable[[Any], Dict[str, Tensor]]:
-    """``batch -> loss dict``."""
-
-    def compute(batch: Tuple[List[Tensor], List[Dict[str, Tensor]]]) -> Dict[str, Tensor]:
-        images, targets = batch
-        images = [im.to(device, non_blocking=True) for im in images]
-        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        return model(images, targets)
-
-    return compute
 
 
 def to_coco_results(

@@ -35,6 +35,7 @@ class DetectionTask:
     name = "detection"
     primary = "bbox_AP"
     resume_command = "biformer detect train --resume"
+    find_unused_parameters = True  # heads without a target on a batch get no gradient
 
     def __init__(self, options: Dict[str, Any], backbone_kwargs: Dict[str, Any], model_kwargs: Dict[str, Any]) -> None:
         self.options = options

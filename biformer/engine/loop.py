@@ -67,6 +67,9 @@ class Task(Protocol):
     name: str  # "detection", "segmentation": in messages and the state file
     primary: str  # the metrics key that picks best.safetensors (higher is better)
     resume_command: str  # e.g. "biformer detect train --resume": how a user continues a run
+    # (optional) True when some parameters get no gradient on some batches (a detector's box head
+    # on an image without objects); DDP then looks for them every update
+    find_unused_parameters: bool
 
     def build_model(self) -> nn.Module: ...
 
@@ -190,7 +193,7 @@ class Engine:
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             self.train_model: nn.Module = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=False)
+                find_unused_parameters=getattr(task, "find_unused_parameters", False))
         else:
             self.train_model = self.model
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay)
