@@ -479,8 +479,8 @@ def run_task(task_factory: Callable[[Dict[str, Any]], Tuple[Task, EngineConfig]]
     lock = None
     try:
         out = Path(options["output"])
+        task, cfg = task_factory(options)  # bad data is refused before a run folder is made
         lock = on_main_first(runtime, lambda: prepare_run_folder(out, resume, overwrite, note=log))
-        task, cfg = task_factory(options)
         engine = Engine(task, cfg, runtime, resume=resume)
         write_run_config(out, options, header, runtime)
         engine.fit()
