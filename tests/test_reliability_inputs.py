@@ -194,9 +194,9 @@ def _assert_one_error_line(stderr: str, command: str, message: str) -> None:
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["visualize", "--image", "{thin}", "--output", "{out}"], "aspect ratio 1000:1"),
-        (["visualize", "--image", "chelsea", "--size", "100000", "--output", "{out}"], "--max-memory-gb"),
-        (["visualize", "--image", "chelsea", "--size", "2240", "--max-memory-gb", "0.5", "--output", "{out}"],
+        (["visualize", "{thin}", "--output", "{out}"], "aspect ratio 1000:1"),
+        (["visualize", "chelsea", "--size", "100000", "--output", "{out}"], "--max-memory-gb"),
+        (["visualize", "chelsea", "--size", "2240", "--max-memory-gb", "0.5", "--output", "{out}"],
          "over the limit of 0.5 GB"),
         (["detect", "predict", "{thin}", "--backbone", "biformer_tiny", "--model", "retinanet", "--output", "{out}"],
          "aspect ratio 1000:1"),
@@ -287,9 +287,9 @@ _NO_CKPT = ["--backbone", "biformer_tiny"]
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["visualize", "--image", "{d}/text.png", "--output", "{d}/o.png"], "not an image"),
-        (["visualize", "--image", "{d}/truncated.png", "--output", "{d}/o.png"], "truncated.png"),
-        (["visualize", "--image", "{d}/missing.png", "--output", "{d}/o.png"], "missing.png"),
+        (["visualize", "{d}/text.png", "--output", "{d}/o.png"], "not an image"),
+        (["visualize", "{d}/truncated.png", "--output", "{d}/o.png"], "truncated.png"),
+        (["visualize", "{d}/missing.png", "--output", "{d}/o.png"], "missing.png"),
         (["detect", "predict", "{d}/text.png", "--model", "retinanet", *_NO_CKPT], "not an image"),
         (["detect", "predict", "{d}/truncated.png", "--model", "retinanet", *_NO_CKPT], "truncated.png"),
         (["detect", "predict", "{d}/missing.png", "--model", "retinanet", *_NO_CKPT], "missing.png"),
@@ -323,9 +323,9 @@ _NO_CKPT = ["--backbone", "biformer_tiny"]
         (["segment", "train", "--data", "{d}/ade", "--output", "{d}/run", "--batch-size", "-2"], "--batch-size -2"),
         (["segment", "train", "--data", "{d}/ade", "--output", "{d}/run", "--crop-size", "0"], "--crop-size 0"),
         (["segment", "predict", "chelsea", "--scale", "0", "512"], "--scale 0 512"),
-        (["visualize", "--image", "chelsea", "--size", "-5", "--output", "{d}/o.png"], "--size -5"),
-        (["visualize", "--image", "chelsea", "--head", "9", "--output", "{d}/o.png"], "got head=9"),
-        (["visualize", "--image", "chelsea", "--stage", "7", "--output", "{d}/o.png"], "stage"),
+        (["visualize", "chelsea", "--size", "-5", "--output", "{d}/o.png"], "--size -5"),
+        (["visualize", "chelsea", "--head", "9", "--output", "{d}/o.png"], "got head=9"),
+        (["visualize", "chelsea", "--stage", "7", "--output", "{d}/o.png"], "stage"),
     ],
     ids=["viz_not_image", "viz_truncated", "viz_missing", "detect_not_image", "detect_truncated", "detect_missing",
          "segment_not_image", "segment_truncated", "segment_missing", "coco_list", "coco_no_categories_train",
