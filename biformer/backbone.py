@@ -19,7 +19,7 @@ from timm.layers import LayerNorm2d
 from torch import Tensor
 
 from .errors import UserValueError
-from .models.biformer import MODEL_ARGS, BiFormer
+from .models.biformer import MODEL_ARGS, BiFormer, CheckpointMismatchError
 
 PathLike = Union[str, os.PathLike]
 
@@ -75,9 +75,12 @@ class BiFormerBackbone(nn.Module):
             model_name, num_classes=0, n_win=n_win, drop_path_rate=drop_path_rate, **model_kwargs
         )
         if pretrained is not None:
-            from .checkpoint import load_classification_weights
+            from .checkpoint import load_weights
 
-            load_classification_weights(model, pretrained, model_name)
+            not_loaded = load_weights(model, pretrained, model_name, without_head=True)
+            if not_loaded:  # a backbone needs every tensor: a partial load is a different network
+                raise CheckpointMismatchError(f"{str(pretrained)!r} does not fit backbone {model_name}: "
+                                              f"{not_loaded[:8]} not loaded")
         if grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.model_name = model_name

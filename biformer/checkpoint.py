@@ -474,33 +474,39 @@ __all__ = [
 _HEAD_KEYS = ("head.weight", "head.bias")
 
 
-def load_classification_weights(model: BiFormer, path: PathLike, model_name: Optional[str] = None) -> None:
-    """Load a classification checkpoint (ours or the original's) into ``model``, classifier excluded.
+def load_weights(model: nn.Module, path: PathLike, model_name: Optional[str] = None,
+                 *, without_head: bool = False) -> List[str]:
+    """Load a classification checkpoint (ours or the original's) into a BiFormer ``model``: the one
+    path by which a run starts from weights (``train --pretrained``, ``--pretrained-backbone``).
 
-    ``model_name``, when given, must match the name stored in one of our checkpoints.
-    """
+    The file is read once. A whole task model is refused, and so is one of another variant than
+    ``model_name``; the original's keys are converted. Tensors whose shape differs from the model's
+    (a classifier of another class count) keep their fresh init; ``without_head`` leaves the
+    classifier out altogether (a backbone has none). Returns the keys not loaded."""
     state_dict, metadata = read_state_dict(path)
     # a task model's "model_name" is its builder (e.g. "upernet"), so say what it is before comparing names
     if "task" in metadata:
         raise CheckpointMismatchError(
             f"{str(path)!r} is a whole {metadata['task']} model ({metadata.get('model_name')}), not a "
-            "classification checkpoint; load it with that task's load function instead"
-        )
+            "classification checkpoint; load it with that task's load function instead")
     saved_name = metadata.get("model_name") if metadata.get("format") == FORMAT else None
     if saved_name and model_name and saved_name != model_name:
-        raise CheckpointMismatchError(
-            f"{str(path)!r} holds a {saved_name} checkpoint, but the backbone is {model_name}"
-        )
+        raise CheckpointMismatchError(f"{str(path)!r} holds a {saved_name} checkpoint, but the model is {model_name}")
     try:
         state_dict = checkpoint_filter_fn(state_dict, model)
     except CheckpointMismatchError as e:
-        raise CheckpointMismatchError(f"{str(path)!r} does not fit backbone {model_name or ''}: {e}") from e
-    state_dict = {k: v for k, v in state_dict.items() if k not in _HEAD_KEYS}
+        raise CheckpointMismatchError(f"{str(path)!r} does not fit {model_name or 'the model'}: {e}") from e
+    if without_head:
+        state_dict = {k: v for k, v in state_dict.items() if k not in _HEAD_KEYS}
+    own = model.state_dict()
+    reshaped = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    for k in reshaped:
+        del state_dict[k]
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    # the model is built without a classifier; anything else missing was already reported above
-    leftover = [k for k in missing if k not in _HEAD_KEYS] + list(unexpected)
-    if leftover:
-        raise CheckpointMismatchError(f"{str(path)!r} does not fit: {leftover[:8]}")
+    if unexpected:
+        raise CheckpointMismatchError(f"{str(path)!r} has keys {list(unexpected)[:5]} that {model_name or 'the model'} "
+                                      "does not")
+    return sorted(set(missing) | set(reshaped))
 
 
 def save_task_model(
