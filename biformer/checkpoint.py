@@ -18,7 +18,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -489,3 +489,85 @@ __all__ = [
     "read_state_dict",
     "save_model",
 ]
+
+
+_HEAD_KEYS = ("head.weight", "head.bias")
+
+
+def load_weights(model: nn.Module, path: PathLike, model_name: Optional[str] = None,
+                 *, without_head: bool = False) -> List[str]:
+    """Load a classification checkpoint (ours or the original's) into a BiFormer ``model``: the one
+    path by which a run starts from weights (``train --pretrained``, ``--pretrained-backbone``).
+
+    The file is read once. A whole task model is refused, and so is one of another variant than
+    ``model_name``; the original's keys are converted. Tensors whose shape differs from the model's
+    (a classifier of another class count) keep their fresh init; ``without_head`` leaves the
+    classifier out altogether (a backbone has none). Returns the keys not loaded."""
+    state_dict, metadata = read_state_dict(path)
+    # a task model's "model_name" is its builder (e.g. "upernet"), so say what it is before comparing names
+    if "task" in metadata:
+        raise CheckpointMismatchError(
+            f"{str(path)!r} is a whole {metadata['task']} model ({metadata.get('model_name')}), not a "
+            "classification checkpoint; load it with that task's load function instead")
+    saved_name = metadata.get("model_name") if metadata.get("format") == FORMAT else None
+    if saved_name and model_name and saved_name != model_name:
+        raise CheckpointMismatchError(f"{str(path)!r} holds a {saved_name} checkpoint, but the model is {model_name}")
+    try:
+        state_dict = checkpoint_filter_fn(state_dict, model)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{str(path)!r} does not fit {model_name or 'the model'}: {e}") from e
+    if without_head:
+        state_dict = {k: v for k, v in state_dict.items() if k not in _HEAD_KEYS}
+    own = model.state_dict()
+    reshaped = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    for k in reshaped:
+        del state_dict[k]
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if unexpected:
+        raise CheckpointMismatchError(f"{str(path)!r} has keys {list(unexpected)[:5]} that {model_name or 'the model'} "
+                                      "does not")
+    return sorted(set(missing) | set(reshaped))
+
+
+def save_task_model(
+    path: PathLike,
+    model: nn.Module,
+    task: str,
+    class_names: Sequence[str],
+    extra_metadata: Optional[Mapping[str, str]] = None,
+) -> None:
+    """Save a model built by a task builder (it carries ``build_config``) so that :func:`load_task_model` rebuilds it."""
+    config = getattr(model, "build_config", None)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} has no build_config; build it with a biformer.{task} builder")
+    save_model(
+        path,
+        model,
+        config["builder"],
+        config["kwargs"],
+        extra_metadata={"task": task, "class_names": json.dumps(list(class_names)), **(extra_metadata or {})},
+    )
+
+
+def load_task_model(
+    path: PathLike, task: str, builders: Mapping[str, Callable[..., nn.Module]]
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild and load a model saved by :func:`save_task_model`; returns ``(model, metadata)``."""
+    state_dict, metadata = read_state_dict(path)
+    if metadata.get("format") != FORMAT or metadata.get("task") != task:
+        found = metadata.get("task") or (
+            f"{metadata['model_name']} classification" if "model_name" in metadata else "unknown-format"
+        )
+        raise CheckpointError(f"{str(path)!r} is a {found} checkpoint, expected a {task} model saved by biformer")
+    builder = metadata["model_name"]
+    if builder not in builders:
+        raise CheckpointError(f"{str(path)!r} was built by {builder!r}, expected one of {sorted(builders)}")
+    kwargs = json.loads(metadata.get("model_kwargs", "{}"))
+    model = builders[builder](**kwargs)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise CheckpointMismatchError(f"{str(path)!r} does not fit {builder}(**{kwargs}): {e}") from e
+    info = {"builder": builder, "kwargs": kwargs, "class_names": json.loads(metadata.get("class_names", "[]"))}
+    info.update({k: v for k, v in metadata.items() if k not in ("model_kwargs", "class_names", "model_name")})
+    return model, info

@@ -12,9 +12,9 @@ from typing import List, Optional
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "train": ("biformer.train.cli_train", "train a classifier (no data argument: the bundled digits demo)"),
-    "eval": ("biformer.train.cli_eval", "evaluate a checkpoint: top-1/top-5, loss, per-class accuracy"),
-    "predict": ("biformer.train.cli_predict", "top-k labels for images with a checkpoint"),
+    "train": ("biformer.classification.cli_train", "train a classifier (no data argument: the bundled digits demo)"),
+    "eval": ("biformer.classification.cli_eval", "evaluate a checkpoint: top-1/top-5, loss, per-class accuracy"),
+    "predict": ("biformer.classification.cli_predict", "top-k labels for images with a checkpoint"),
     "convert": ("biformer.checkpoint", "convert an original BiFormer checkpoint to safetensors"),
     "flops": ("biformer.analysis.cli_flops", "parameters and FLOPs per stage of a model"),
     "complexity": ("biformer.analysis.cli_complexity", "FLOPs of one BRA layer against the region count S"),

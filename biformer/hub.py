@@ -183,7 +183,7 @@ def save_run_pretrained(source: PathLike, directory: PathLike, *, repo_id: str =
     """:func:`save_pretrained` for a training run folder (its ``best.safetensors``) or a checkpoint file,
     with a model card from the run's ``config.yaml``, ``metrics.csv`` and figures."""
     from .checkpoint import load_model
-    from .train.inference import read_metadata
+    from .classification.inference import read_metadata
 
     weights = _run_weights(Path(source))
     model, info = load_model(weights)

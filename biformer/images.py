@@ -16,6 +16,7 @@ Only PIL and NumPy are imported, so both the training data and the command-line 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Union
 
 import numpy as np
@@ -103,3 +104,24 @@ def open_rgb(source: Union[PathLike, BinaryIO]) -> "Image.Image":
         raise ImageReadError(f"refusing {name!r}: {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's errors for damaged data
         raise ImageReadError(f"cannot read image {name!r}: {type(e).__name__}: {e}") from e
+
+
+# scikit-image's bundled photos (no download needed), usable wherever a command takes IMAGE
+SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "immunohistochemistry")
+
+
+def load_image(source: PathLike) -> "Image.Image":  # noqa: F821  (PIL, imported lazily)
+    """An RGB PIL image from a file, or from one of scikit-image's bundled photos by name (``astronaut``)."""
+    from PIL import Image
+
+    path = Path(source)
+    if path.is_file():
+        return open_rgb(path)
+    if str(source) in SAMPLE_IMAGES:
+        import skimage.data
+
+        array = getattr(skimage.data, str(source))()
+        return to_rgb8(Image.fromarray(array))
+    raise ImageNotFound(
+        f"no image file at {str(source)!r}, and it is not one of scikit-image's sample names {SAMPLE_IMAGES}"
+    )

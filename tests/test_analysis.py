@@ -159,8 +159,11 @@ def test_complexity_cli_json_and_plot(tmp_path, capsys: pytest.CaptureFixture) -
         assert len(img.convert("RGB").getcolors(1 << 20)) > 50  # lines and text, not a blank canvas
 
 
-def test_complexity_text_explains_the_models_choice(capsys: pytest.CaptureFixture) -> None:
-    assert main(["complexity", "--size", "56", "56", "--channels", "64", "--topk", "1", "--no-plot"]) == 0
+def test_complexity_text_explains_the_models_choice(capsys: pytest.CaptureFixture, tmp_path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["complexity", "--size", "56", "56", "--channels", "64", "--topk", "1"]) == 0
+    assert list(tmp_path.iterdir()) == []  # no --output: no plot written
     text = capsys.readouterr().out
     assert "optimal S" in text and "13.0" in text and "Why the released models use S = 7" in text
 
@@ -168,7 +171,7 @@ def test_complexity_text_explains_the_models_choice(capsys: pytest.CaptureFixtur
 def test_cli_errors_are_clean(capsys: pytest.CaptureFixture) -> None:
     assert main(["flops", "resnet50"]) == 2  # a UserError: one line, exit 2
     assert "registered BiFormers" in capsys.readouterr().err
-    assert main(["complexity", "--size", "8", "8", "--channels", "16", "--topk", "100", "--no-plot"]) == 2
+    assert main(["complexity", "--size", "8", "8", "--channels", "16", "--topk", "100"]) == 2
     assert "topk=100" in capsys.readouterr().err
     report = complexity_report(56, 56, 64, 4)
     assert report.best_dividing_S in dividing_region_counts(56, 56, 4)

@@ -14,14 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import biformer  # noqa: F401  (registers the models)
-from biformer.backbone import (
-    SAMPLE_IMAGES,
-    BiFormerBackbone,
-    LRSchedule,
-    TrainLoop,
-    build_optimizer,
-    load_image,
-)
+from biformer.backbone import BiFormerBackbone
+from biformer.engine.optim import LRSchedule, build_optimizer
+from biformer.images import SAMPLE_IMAGES, load_image
 from biformer.checkpoint import save_model
 from biformer.models.biformer import MODEL_ARGS, CheckpointMismatchError
 
@@ -59,7 +54,7 @@ def test_small_maps_with_n_win_16_pad_regions():
 
 
 def test_topk_larger_than_region_grid_is_refused():
-    with pytest.raises(ValueError, match=r"got topk=16 but the map has only 9 regions"):
+    with pytest.raises(ValueError, match=r"topk=16 but the map has only 9 regions"):
         BiFormerBackbone("biformer_tiny", n_win=3, **TINY)
 
 
@@ -145,45 +140,6 @@ def test_lr_schedules_follow_mmcv():
         LRSchedule("linear", 10)
 
 
-def _regression_loop(model: nn.Module, state_path: Path, total: int, saved: Dict[str, Any]) -> TrainLoop:
-    optimizer = build_optimizer(model, lr=0.3, weight_decay=0.01)
-    return TrainLoop(
-        model, optimizer, LRSchedule("poly", total, warmup_steps=2),
-        compute_losses=lambda batch: {"mse": F.mse_loss(model(batch[0]), batch[1])},
-        state_path=state_path, save=lambda step: saved.update(model=model.state_dict(), step=step),
-        log=lambda line: None, log_every=1,
-    )
-
-
-def _batches():
-    g = torch.Generator().manual_seed(0)
-    while True:
-        x = torch.randn(8, 4, generator=g)
-        yield x, x @ torch.tensor([[0.5], [-0.5], [0.25], [0.0]])
-
-
-def test_train_loop_reduces_loss_and_resumes_exactly(tmp_path):
-    torch.manual_seed(0)
-    reference = nn.Linear(4, 1)
-    start = {k: v.clone() for k, v in reference.state_dict().items()}
-    history = _regression_loop(reference, tmp_path / "a.pt", 10, {}).run(_batches())
-    assert history[-1]["mse"] < 0.3 * history[0]["mse"]
-
-    # stop after 5 of 10 steps, then continue in a fresh loop from the saved model and optimizer state
-    model, saved = nn.Linear(4, 1), {}
-    model.load_state_dict(start)
-    stream = _batches()
-    _regression_loop(model, tmp_path / "b.pt", 10, saved).run(stream, until=5)
-    assert saved["step"] == 5  # the stream is shared, so the resumed run sees batches 6-10
-    resumed_model = nn.Linear(4, 1)
-    resumed_model.load_state_dict(saved["model"])
-    resumed = _regression_loop(resumed_model, tmp_path / "b.pt", 10, {})
-    assert resumed.resume() and resumed.step == 5
-    resumed.run(stream)
-    for k, v in reference.state_dict().items():
-        torch.testing.assert_close(resumed_model.state_dict()[k], v)
-
-
 def test_load_image_takes_files_and_scikit_image_names(tmp_path):
     cat = load_image("chelsea")
     assert cat.mode == "RGB" and cat.size == (451, 300)
@@ -207,7 +163,7 @@ def test_registers_with_mm_registries_when_present(monkeypatch):
     for name in ("mmdet", "mmdet.registry"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     sys.modules["mmdet.registry"].MODELS = FakeRegistry()
-    import biformer.mm as mm
+    import biformer.integrations.mm as mm
 
     assert mm.register() == ["mmdet.registry.MODELS"]
     cls = registered[mm.REGISTRY_NAME]
@@ -239,12 +195,12 @@ def _load_config(path: Path) -> Dict[str, Any]:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.py")), ids=lambda p: p.name)
 def test_mm_configs_name_our_backbone_with_matching_widths(path):
-    from biformer.mm import REGISTRY_NAME
+    from biformer.integrations.mm import REGISTRY_NAME
 
     cfg = _load_config(path)
     backbone = cfg["model"]["backbone"]
     assert backbone["type"] == REGISTRY_NAME
-    assert cfg["custom_imports"]["imports"] == ["biformer.mm"]
+    assert cfg["custom_imports"]["imports"] == ["biformer.integrations.mm"]
     dims = list(MODEL_ARGS[backbone["model_name"]]["embed_dims"])
     assert backbone["n_win"] == (16 if path.parent.name == "detection" else 8)
     model = cfg["model"]

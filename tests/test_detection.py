@@ -1,7 +1,7 @@
 """RetinaNet / Mask R-CNN with a BiFormer backbone on small synthetic COCO-format data."""
 from __future__ import annotations
 
-import itertools
+import json
 import math
 from pathlib import Path
 from typing import Any, Dict
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from biformer.backbone import LRSchedule, TrainLoop, build_optimizer, load_image
+from biformer.engine.optim import LRSchedule, build_optimizer
+from biformer.images import load_image
 from biformer.cli import main
 from biformer.detection import CocoDetection, evaluate_coco, load_detector, mask_rcnn, retinanet, save_detector
 from biformer.detection.data import collate
-from biformer.detection.engine import _summarise, detection_losses, to_coco_results
+from biformer.detection.engine import _summarise, to_coco_results
 from biformer.detection.synthetic import SHAPE_CLASSES, write_coco_shapes
 
 BACKBONE = dict(backbone="biformer_tiny", backbone_kwargs=dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 128, 256),
@@ -37,6 +38,22 @@ def coco(tmp_path_factory) -> Dict[str, Path]:
     return write_coco_shapes(tmp_path_factory.mktemp("coco"), num_train=4, num_val=3, size_range=(80, 112), seed=1)
 
 
+def fit_steps(model, optimizer, schedule, compute_losses, steps):
+    """``steps`` AdamW updates as the engine makes them (lr = peak x schedule); the loss dicts, as floats."""
+    peak = [g["lr"] for g in optimizer.param_groups]
+    history = []
+    for step in range(steps):
+        for group, lr in zip(optimizer.param_groups, peak):
+            group["lr"] = lr * schedule(step)
+        losses = compute_losses()
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.append({**{k: float(v.detach()) for k, v in losses.items()}, "loss": float(loss.detach())})
+    return history
+
+
 # peak learning rates at which 16 steps on one batch of two tiny images train smoothly
 # (over seeds 0-3 the loss ratio below was 0.46-0.49 for RetinaNet, 0.51-0.73 for Mask R-CNN)
 TRAIN_LR = {"retinanet": 1e-3, "mask_rcnn": 2e-3}
@@ -50,12 +67,9 @@ def test_a_few_training_steps_reduce_the_loss(coco, name):
     dataset = CocoDetection(coco["train_images"], coco["train_annotations"], masks=name == "mask_rcnn")
     batch = collate([dataset[0], dataset[1]])
     steps = 16
-    loop = TrainLoop(
-        model, build_optimizer(model, TRAIN_LR[name], weight_decay=1e-4),
-        LRSchedule("cosine", steps, warmup_steps=4, warmup_ratio=0.1),
-        detection_losses(model, torch.device("cpu")), log=lambda line: None, log_every=1,
-    )
-    history = loop.run(itertools.repeat(batch))
+    history = fit_steps(model, build_optimizer(model, TRAIN_LR[name], weight_decay=1e-4),
+                        LRSchedule("cosine", steps, warmup_steps=4, warmup_ratio=0.1),
+                        lambda: model(*batch), steps)
     losses = [record["loss"] for record in history]
     assert len(losses) == steps and all(math.isfinite(v) for v in losses)
     assert set(history[0]) >= ({"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness"}
@@ -121,30 +135,36 @@ def test_save_and_load_rebuild_the_same_detector(tmp_path):
     torch.testing.assert_close(a["scores"], b["scores"])
 
 
-def test_cli_train_eval_predict(coco, tmp_path, capsys):
-    run = tmp_path / "run"
+def test_cli_train_eval_predict(coco, tmp_path, capsys, monkeypatch):
+    """detect train on a COCO-layout root writes the engine's run folder; eval reads best.safetensors and
+    prints JSON with --json; predict writes a PNG only when given --output."""
+    run, root = tmp_path / "run", coco["train_images"].parent
     common = ["--backbone", "biformer_tiny", "--backbone-kwargs", '{"depths": [1, 1, 1, 1], "head_dim": 16, '
               '"embed_dims": [32, 64, 128, 256]}', "--model-kwargs",
               '{"fpn_channels": 32, "box_head_channels": 64, "mask_head_channels": 16, "box_batch_size_per_image": 32}',
-              "--min-size", "96", "--max-size", "128", "--workers", "0"]
-    data = ["--images", str(coco["train_images"]), "--annotations", str(coco["train_annotations"])]
-    assert main(["detect", "train", *data, "--output", str(run), "--model", "mask_rcnn", *common,
-                 "--steps", "2", "--batch-size", "2", "--log-every", "1"]) == 0
-    assert (run / "last.safetensors").is_file() and (run / "last.train.pt").is_file()
-    assert main(["detect", "train", *data, "--output", str(run), "--resume", "--steps", "3", "--batch-size", "2",
-                 "--workers", "0"]) == 0
-    assert "resumed at step 2" in capsys.readouterr().out
+              "--min-size", "96", "--max-size", "128", "--num-workers", "0", "--no-progress", "--no-tensorboard"]
+    assert main(["detect", "train", "--data", str(root), "--output", str(run), "--model", "mask_rcnn", *common,
+                 "--epochs", "1", "--batch-size", "2", "--log-every", "1"]) == 0
+    for name in ("config.yaml", "last.safetensors", "best.safetensors", "state.pt", "metrics.csv", "steps.csv",
+                 "curves.png"):
+        assert (run / name).is_file(), name
+    assert "val_bbox_AP" in (run / "metrics.csv").read_text() and "val_segm_AP" in (run / "metrics.csv").read_text()
+    capsys.readouterr()
 
-    assert main(["detect", "eval", "--checkpoint", str(run / "last.safetensors"), "--images", str(coco["val_images"]),
-                 "--annotations", str(coco["val_annotations"]), "--json", str(tmp_path / "m.json")]) == 0
-    out = capsys.readouterr().out
-    assert "bbox: AP" in out and "segm: AP" in out and (tmp_path / "m.json").is_file()
+    assert main(["detect", "eval", "--checkpoint", str(run / "best.safetensors"), "--data", str(root), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["num_images"] == 3 and 0 <= metrics["bbox_AP"] <= 1 and "segm_AP" in metrics
 
-    png = tmp_path / "cat.png"
-    # threshold 0 also lowers the model's own 0.05 cut-off, so even a 3-step model draws its 5 best boxes
-    assert main(["detect", "predict", "chelsea", "--checkpoint", str(run / "last.safetensors"), "--output", str(png),
+    monkeypatch.chdir(tmp_path)
+    before = set(tmp_path.iterdir())
+    assert main(["detect", "predict", "chelsea", "--checkpoint", str(run / "last.safetensors"),
                  "--score-threshold", "0.0", "--max-detections", "5"]) == 0
     assert "5 detections with score >= 0.0" in capsys.readouterr().out
+    assert set(tmp_path.iterdir()) == before  # no --output: nothing written
+    png = tmp_path / "cat.png"
+    # threshold 0 also lowers the model's own 0.05 cut-off, so even a 1-epoch model draws its 5 best boxes
+    assert main(["detect", "predict", "chelsea", "--checkpoint", str(run / "last.safetensors"), "--output", str(png),
+                 "--score-threshold", "0.0", "--max-detections", "5"]) == 0
     from PIL import Image
 
     with Image.open(png) as im:

@@ -118,7 +118,7 @@ def _decode_open_rgb(tmp_path, png):
 
 
 def _decode_backbone(tmp_path, png):
-    from biformer.backbone import load_image
+    from biformer.images import load_image
 
     return load_image(png)
 
@@ -130,7 +130,7 @@ def _decode_viz(tmp_path, png):
 
 
 def _decode_train_folder(tmp_path, png):
-    from biformer.train.data import open_source
+    from biformer.classification.data import open_source
 
     return open_source(None, str(tmp_path / "data"), "train").load(0)[0]
 
@@ -194,9 +194,9 @@ def _assert_one_error_line(stderr: str, command: str, message: str) -> None:
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["visualize", "--image", "{thin}", "--output", "{out}"], "aspect ratio 1000:1"),
-        (["visualize", "--image", "chelsea", "--size", "100000", "--output", "{out}"], "--max-memory-gb"),
-        (["visualize", "--image", "chelsea", "--size", "2240", "--max-memory-gb", "0.5", "--output", "{out}"],
+        (["visualize", "{thin}", "--output", "{out}"], "aspect ratio 1000:1"),
+        (["visualize", "chelsea", "--size", "100000", "--output", "{out}"], "--max-memory-gb"),
+        (["visualize", "chelsea", "--size", "2240", "--max-memory-gb", "0.5", "--output", "{out}"],
          "over the limit of 0.5 GB"),
         (["detect", "predict", "{thin}", "--backbone", "biformer_tiny", "--model", "retinanet", "--output", "{out}"],
          "aspect ratio 1000:1"),
@@ -257,6 +257,14 @@ def bad_inputs(tmp_path):
     outside = dict(coco, annotations=[{"id": 9, "image_id": 1, "category_id": 1, "bbox": [60, 50, 10, 10],
                                        "area": 100, "iscrowd": 0}])
     (tmp_path / "outside.json").write_text(json.dumps(outside))
+    # a COCO-layout root around each annotation file (what detect train/eval --data take)
+    for name in ("list", "nocat", "broken", "outside"):
+        root = tmp_path / f"coco_{name}"
+        (root / "annotations").mkdir(parents=True)
+        for split in ("train", "val"):
+            (root / split).mkdir()
+            Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(root / split / "a.png")
+            (root / "annotations" / f"instances_{split}.json").write_text((tmp_path / f"{name}.json").read_text())
     # an ADE20K-style folder whose one label PNG is corrupt, and a segmentor checkpoint for it
     for split in ("images", "annotations"):
         (tmp_path / "ade" / split / "validation").mkdir(parents=True)
@@ -279,45 +287,45 @@ _NO_CKPT = ["--backbone", "biformer_tiny"]
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["visualize", "--image", "{d}/text.png", "--output", "{d}/o.png"], "not an image"),
-        (["visualize", "--image", "{d}/truncated.png", "--output", "{d}/o.png"], "truncated.png"),
-        (["visualize", "--image", "{d}/missing.png", "--output", "{d}/o.png"], "missing.png"),
+        (["visualize", "{d}/text.png", "--output", "{d}/o.png"], "not an image"),
+        (["visualize", "{d}/truncated.png", "--output", "{d}/o.png"], "truncated.png"),
+        (["visualize", "{d}/missing.png", "--output", "{d}/o.png"], "missing.png"),
         (["detect", "predict", "{d}/text.png", "--model", "retinanet", *_NO_CKPT], "not an image"),
         (["detect", "predict", "{d}/truncated.png", "--model", "retinanet", *_NO_CKPT], "truncated.png"),
         (["detect", "predict", "{d}/missing.png", "--model", "retinanet", *_NO_CKPT], "missing.png"),
         (["segment", "predict", "{d}/text.png", *_NO_CKPT], "not an image"),
         (["segment", "predict", "{d}/truncated.png", *_NO_CKPT], "truncated.png"),
         (["segment", "predict", "{d}/missing.png", *_NO_CKPT], "missing.png"),
-        (["detect", "train", "--images", "{d}/img", "--annotations", "{d}/list.json", "--output", "{d}/run"],
-         "list.json' holds a JSON list"),
-        (["detect", "train", "--images", "{d}/img", "--annotations", "{d}/nocat.json", "--output", "{d}/run"],
+        (["detect", "train", "--data", "{d}/coco_list", "--output", "{d}/run"],
+         "instances_train.json' holds a JSON list"),
+        (["detect", "train", "--data", "{d}/coco_nocat", "--output", "{d}/run"],
          "defines no categories"),
-        (["detect", "eval", "--checkpoint", "{d}/none.safetensors", "--images", "{d}/img", "--annotations",
-          "{d}/nocat.json"], "defines no categories"),
-        (["detect", "train", "--images", "{d}/img", "--annotations", "{d}/broken.json", "--output", "{d}/run"],
-         "broken.json' is not valid JSON"),
-        (["detect", "eval", "--checkpoint", "{d}/none.safetensors", "--images", "{d}/img", "--annotations",
-          "{d}/broken.json"], "broken.json' is not valid JSON"),
-        (["detect", "train", "--images", "{d}/img", "--annotations", "{d}/outside.json", "--output", "{d}/run"],
+        (["detect", "eval", "--checkpoint", "{d}/none.safetensors", "--data", "{d}/coco_nocat"],
+         "defines no categories"),
+        (["detect", "train", "--data", "{d}/coco_broken", "--output", "{d}/run"],
+         "instances_train.json' is not valid JSON"),
+        (["detect", "eval", "--checkpoint", "{d}/none.safetensors", "--data", "{d}/coco_broken"],
+         "instances_val.json' is not valid JSON"),
+        (["detect", "train", "--data", "{d}/coco_outside", "--output", "{d}/run"],
          "annotation 9"),
-        (["segment", "eval", "--checkpoint", "{d}/seg.safetensors", "--data", "{d}/ade", "--workers", "0",
+        (["segment", "eval", "--checkpoint", "{d}/seg.safetensors", "--data", "{d}/ade",
           "--no-reduce-zero-label"], "cannot read label PNG"),
-        (["detect", "train", "--images", "{d}/img", "--annotations", "{d}/list.json", "--output", "{d}/run",
+        (["detect", "train", "--data", "{d}/coco_list", "--output", "{d}/run",
           "--batch-size", "0"], "--batch-size 0"),
-        (["detect", "train", "--images", "{d}/img", "--annotations", "{d}/list.json", "--output", "{d}/run",
+        (["detect", "train", "--data", "{d}/coco_list", "--output", "{d}/run",
           "--min-size", "0"], "--min-size 0"),
-        (["detect", "train", "--images", "{d}/img", "--annotations", "{d}/list.json", "--output", "{d}/run",
+        (["detect", "train", "--data", "{d}/coco_list", "--output", "{d}/run",
           "--backbone-kwargs", "[depths"], "--backbone-kwargs"),
-        (["detect", "eval", "--checkpoint", "x", "--images", "{d}/img", "--annotations", "{d}/list.json",
-          "--workers", "-1"], "--workers -1"),
+        (["detect", "train", "--data", "{d}/coco_list", "--output", "{d}/run", "--num-workers", "-1"],
+         "--num-workers -1"),
         (["detect", "predict", "chelsea", "--max-detections", "0"], "--max-detections 0"),
         (["detect", "demo-data", "{d}/demo", "--num-train", "0"], "--num-train 0"),
         (["segment", "train", "--data", "{d}/ade", "--output", "{d}/run", "--batch-size", "-2"], "--batch-size -2"),
         (["segment", "train", "--data", "{d}/ade", "--output", "{d}/run", "--crop-size", "0"], "--crop-size 0"),
         (["segment", "predict", "chelsea", "--scale", "0", "512"], "--scale 0 512"),
-        (["visualize", "--image", "chelsea", "--size", "-5", "--output", "{d}/o.png"], "--size -5"),
-        (["visualize", "--image", "chelsea", "--head", "9", "--output", "{d}/o.png"], "got head=9"),
-        (["visualize", "--image", "chelsea", "--stage", "7", "--output", "{d}/o.png"], "stage"),
+        (["visualize", "chelsea", "--size", "-5", "--output", "{d}/o.png"], "--size -5"),
+        (["visualize", "chelsea", "--head", "9", "--output", "{d}/o.png"], "got head=9"),
+        (["visualize", "chelsea", "--stage", "7", "--output", "{d}/o.png"], "stage"),
     ],
     ids=["viz_not_image", "viz_truncated", "viz_missing", "detect_not_image", "detect_truncated", "detect_missing",
          "segment_not_image", "segment_truncated", "segment_missing", "coco_list", "coco_no_categories_train",

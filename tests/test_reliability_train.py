@@ -28,7 +28,7 @@ import biformer  # noqa: F401  (registers the models)
 from biformer.checkpoint import CheckpointError, load_model, save_model
 from biformer.cli import main as cli_main
 from biformer.errors import UserValueError
-from biformer.train import engine
+from biformer.classification import engine
 
 from .test_train import CLASSES, REPO, TINY_MODEL, make_folder, read_rows, run_cli, same_threads_env, tiny_args
 
@@ -89,7 +89,7 @@ def copy_run(run: Path, dst: Path) -> Path:
 HOLD_THE_FOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from biformer.train import engine
+    from biformer.classification import engine
     from biformer.cli import main
 
     release = Path(sys.argv[1])
@@ -112,7 +112,7 @@ HOLD_THE_FOLDER = textwrap.dedent("""
 TRAIN_WHEN_HELD = textwrap.dedent("""
     import json, runpy, sys, time
     from pathlib import Path
-    import biformer.cli, biformer.train.engine  # noqa: F401  (the imports, before waiting)
+    import biformer.cli, biformer.classification.engine  # noqa: F401  (the imports, before waiting)
 
     lock, holder = Path(sys.argv[1]), int(sys.argv[2])
     deadline = time.time() + 240
@@ -197,7 +197,7 @@ def test_item02_results_without_state_are_not_replaced(tmp_path: Path, capsys: p
 KILL_DURING_SAVE = textwrap.dedent("""
     import os, signal, sys
     import torch
-    from biformer.train import engine
+    from biformer.classification import engine
     from biformer.cli import main
 
     kill_at = int(sys.argv[1])
@@ -538,7 +538,7 @@ def test_item13_user_errors_are_one_line(case: str, finished_run: Tuple[Path, Pa
 def test_item13_programming_error_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only UserError becomes one line: a bug (here a ZeroDivisionError, or a plain ValueError)
     propagates with its traceback."""
-    from biformer.train import cli_eval
+    from biformer.classification import cli_eval
 
     def broken(args: object) -> int:
         return 1 // 0

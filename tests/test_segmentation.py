@@ -1,7 +1,7 @@
 """UperNet / Semantic FPN with a BiFormer backbone on small synthetic ADE20K-style folders."""
 from __future__ import annotations
 
-import itertools
+import csv
 import json
 import math
 from pathlib import Path
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from biformer.backbone import LRSchedule, TrainLoop, build_optimizer
+from biformer.engine.optim import LRSchedule, build_optimizer
 from biformer.cli import main
 from biformer.segmentation import (
     SegmentationFolder,
@@ -21,7 +21,7 @@ from biformer.segmentation import (
     semantic_fpn,
     upernet,
 )
-from biformer.segmentation.engine import confusion_matrix, metrics_from_confusion, segmentation_losses
+from biformer.segmentation.engine import confusion_matrix, metrics_from_confusion
 from biformer.segmentation.models import IGNORE_INDEX, IMAGENET_MEAN
 from biformer.segmentation.synthetic import DEMO_CLASSES, write_ade_shapes
 
@@ -63,6 +63,22 @@ def test_logits_at_input_size_for_odd_sizes(name, size):
         model(torch.rand(3, *size))
 
 
+def fit_steps(model, optimizer, schedule, compute_losses, steps):
+    """``steps`` AdamW updates as the engine makes them (lr = peak x schedule); the loss dicts, as floats."""
+    peak = [g["lr"] for g in optimizer.param_groups]
+    history = []
+    for step in range(steps):
+        for group, lr in zip(optimizer.param_groups, peak):
+            group["lr"] = lr * schedule(step)
+        losses = compute_losses()
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.append({**{k: float(v.detach()) for k, v in losses.items()}, "loss": float(loss.detach())})
+    return history
+
+
 @pytest.mark.parametrize("name", ["upernet", "semantic_fpn"])
 def test_a_few_training_steps_reduce_the_loss(ade, name):
     # the training path of `biformer segment train`: its data pipeline, optimizer, schedule and losses
@@ -71,12 +87,9 @@ def test_a_few_training_steps_reduce_the_loss(ade, name):
     dataset = SegmentationFolder(ade, "training", train=True, **DATA)
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
     steps = 24
-    loop = TrainLoop(
-        model, build_optimizer(model, 5e-3, weight_decay=0.01),
-        LRSchedule("poly", steps, warmup_steps=4, warmup_ratio=0.1),
-        segmentation_losses(model, torch.device("cpu")), log=lambda line: None, log_every=1,
-    )
-    history = loop.run(itertools.repeat(batch))
+    history = fit_steps(model, build_optimizer(model, 5e-3, weight_decay=0.01),
+                        LRSchedule("poly", steps, warmup_steps=4, warmup_ratio=0.1),
+                        lambda: model.losses(*batch), steps)
     losses = [record["loss"] for record in history]
     assert len(losses) == steps and all(math.isfinite(v) for v in losses)
     assert ("loss_aux" in history[0]) == (name == "upernet")
@@ -147,28 +160,35 @@ def test_save_and_load_rebuild_the_same_segmentor(tmp_path):
         torch.testing.assert_close(loaded.eval()(x), model(x))
 
 
-def test_cli_train_eval_predict(ade, tmp_path, capsys):
+def test_cli_train_eval_predict(ade, tmp_path, capsys, monkeypatch):
+    """segment train on an ADE-layout root writes the engine's run folder; eval reads best.safetensors and
+    prints JSON (with per-class IoU) with --json; predict writes a PNG only when given --output."""
     run = tmp_path / "run"
     common = ["--backbone", "biformer_tiny", "--backbone-kwargs", '{"depths": [1, 1, 1, 1], "head_dim": 16, '
               '"embed_dims": [32, 64, 128, 256]}', "--model-kwargs", '{"fpn_channels": 32, "channels": 16}',
-              "--n-win", "4", "--crop-size", "64", "--scale", "256", "96", "--workers", "0"]
+              "--n-win", "4", "--crop-size", "64", "--scale", "256", "96", "--num-workers", "0", "--no-progress",
+              "--no-tensorboard"]
     assert main(["segment", "train", "--data", str(ade), "--output", str(run), "--model", "semantic_fpn", *common,
-                 "--steps", "2", "--batch-size", "2", "--log-every", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "step 2/2" in out and "eval at step 2: mIoU" in out  # the validation split is scored at the end
-    assert (run / "last.safetensors").is_file() and (run / "last.train.pt").is_file()
-    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["step"] == 2 and 0.0 <= record["mIoU"] <= 1.0
-    assert main(["segment", "train", "--data", str(ade), "--output", str(run), "--resume", "--steps", "3",
-                 "--batch-size", "2", "--crop-size", "64", "--scale", "256", "96", "--workers", "0"]) == 0
-    assert "resumed at step 2" in capsys.readouterr().out
+                 "--epochs", "1", "--batch-size", "2", "--log-every", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "epoch 1/1: train loss" in err and "mIoU" in err  # the validation split is scored at the end
+    for name in ("config.yaml", "last.safetensors", "best.safetensors", "state.pt", "metrics.csv", "steps.csv"):
+        assert (run / name).is_file(), name
+    with open(run / "metrics.csv") as f:
+        row = list(csv.DictReader(f))[-1]
+    assert row["epoch"] == "1" and 0.0 <= float(row["val_mIoU"]) <= 1.0
 
-    assert main(["segment", "eval", "--checkpoint", str(run / "last.safetensors"), "--data", str(ade),
-                 "--scale", "256", "96", "--json", str(tmp_path / "m.json")]) == 0
-    assert "semantic_fpn on 2 validation images: mIoU" in capsys.readouterr().out
-    metrics = json.loads((tmp_path / "m.json").read_text())
-    assert list(metrics["IoU"]) == list(DEMO_CLASSES)
+    assert main(["segment", "eval", "--checkpoint", str(run / "best.safetensors"), "--data", str(ade),
+                 "--scale", "256", "96", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert list(metrics["IoU"]) == list(DEMO_CLASSES) and metrics["num_images"] == 2
+    assert metrics["mIoU"] == pytest.approx(float(row["val_mIoU"]), abs=1e-5)
 
+    monkeypatch.chdir(tmp_path)
+    before = set(tmp_path.iterdir())
+    assert main(["segment", "predict", "chelsea", "--checkpoint", str(run / "last.safetensors"),
+                 "--scale", "256", "96"]) == 0
+    assert "largest classes" in capsys.readouterr().out and set(tmp_path.iterdir()) == before
     png = tmp_path / "cat.png"
     assert main(["segment", "predict", "chelsea", "--checkpoint", str(run / "last.safetensors"), "--output", str(png),
                  "--scale", "256", "96"]) == 0

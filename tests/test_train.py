@@ -19,9 +19,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from biformer.cli import main as cli_main
-from biformer.train import cli_train
-from biformer.train.config import PRESETS, build_config, resolved_drop_path, resolved_lr
-from biformer.train.data import TrainBatchSampler, digits_split, shard_indices
+from biformer.classification import cli_train
+from biformer.classification.config import PRESETS, build_config, resolved_drop_path, resolved_lr
+from biformer.classification.data import TrainBatchSampler, digits_split, shard_indices
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def test_config_precedence_presets_and_recipe(tmp_path: Path) -> None:
 def test_shipped_configs_state_the_presets() -> None:
     """configs/train/*.yaml load, and spell out the presets: digits.yaml is the default run,
     imagenet_biformer_{tiny,small,base}.yaml the paper's recipe with the model's drop path."""
-    from biformer.train.config import to_dict
+    from biformer.classification.config import to_dict
 
     files = {p.stem: str(p) for p in (REPO / "configs" / "train").glob("*.yaml")}
     assert {"digits", "imagenet_biformer_tiny", "imagenet_biformer_small", "imagenet_biformer_base"} <= set(files)
@@ -256,7 +256,7 @@ def test_folder_train_eval_predict_with_corrupt_images(tmp_path: Path, capsys: p
 
 KILL_AFTER_SAVE = textwrap.dedent("""
     import os, signal, sys
-    from biformer.train import engine
+    from biformer.classification import engine
     from biformer.cli import main
 
     kill_at = int(sys.argv[1])

@@ -138,7 +138,7 @@ def test_visualize_cli_with_a_checkpoint(tiny: nn.Module, tmp_path, capsys: pyte
     ckpt = tmp_path / "tiny.safetensors"
     save_model(ckpt, tiny, "biformer_tiny", {"num_classes": 10})
     out = tmp_path / "out.png"
-    assert main(["visualize", "--image", "astronaut", "--checkpoint", str(ckpt), "--output", str(out),
+    assert main(["visualize", "astronaut", "--checkpoint", str(ckpt), "--output", str(out),
                  "--query", "256,120", "--query", "100,400", "--json"]) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
@@ -152,14 +152,14 @@ def test_visualize_cli_random_init_warns_and_draws_frequencies(tmp_path, capsys:
     photo = tmp_path / "photo.png"
     Image.fromarray(load_image("chelsea")).save(photo)
     out = tmp_path / "freq.png"
-    assert main(["visualize", "--image", str(photo), "--all-queries", "--output", str(out)]) == 0
+    assert main(["visualize", str(photo), "--all-queries", "--output", str(out)]) == 0
     captured = capsys.readouterr()
     assert "random weights" in captured.err and "stage 3" in captured.out
     _png_is_a_picture(out)
-    assert main(["visualize", "--image", "nope.jpg", "--output", str(out)]) == 2  # a UserError: one line, status 2
+    assert main(["visualize", "nope.jpg", "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert all(name in err for name in BUNDLED_IMAGES), err
-    assert main(["visualize", "--image", "astronaut", "--stage", "4", "--output", str(out)]) == 2
+    assert main(["visualize", "astronaut", "--stage", "4", "--output", str(out)]) == 2
     assert "global attention" in capsys.readouterr().err
 
 

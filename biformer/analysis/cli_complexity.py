@@ -16,8 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=int, required=True, help="routed regions k")
     parser.add_argument("--n-win", type=int, default=7, help="the S the models use, for comparison (default: 7)")
     parser.add_argument("--window", type=int, default=7, help="window of the window-attention baseline (default: 7)")
-    parser.add_argument("--output", default="bra_complexity.png", help="PNG plot of FLOPs against S (default: %(default)s)")
-    parser.add_argument("--no-plot", action="store_true", help="do not write the plot")
+    parser.add_argument("--output", default=None, help="also write a PNG plot of FLOPs against S here")
     parser.add_argument("--time", action="store_true",
                         help="also time bi_level_routing_attention at the S values that divide the map, "
                              "against window attention in the same run (CPU, one thread; seconds for small maps)")
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         s_values = [s for s in range(report.curve[0].S, min(height, width) + 1) if height % s == 0 and width % s == 0]
         timings = time_region_counts(height, width, args.channels, args.topk, s_values, window=args.window)
     out: Dict[str, Any] = report.to_dict()
-    if not args.no_plot:
+    if args.output:  # nothing is written unless asked
         plot_curve(report, args.output, timings)
         out["plot"] = args.output
     if timings is not None:
@@ -78,6 +77,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(format_report(report, timings))
-        if not args.no_plot:
+        if args.output:
             print(f"\nplot written to {args.output}", file=sys.stderr)
     return 0

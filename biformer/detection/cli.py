@@ -1,14 +1,16 @@
-"""``biformer detect``: train, evaluate and run BiFormer detectors on COCO-format data.
+"""``biformer detect``: train, evaluate and run BiFormer detectors on COCO-layout data.
 
-    biformer detect demo-data DIR                     # a small synthetic COCO-format set of shapes
-    biformer detect train --images DIR --annotations FILE --output RUN [--val-images DIR --val-annotations FILE]
-    biformer detect eval --checkpoint RUN/last.safetensors --images DIR --annotations FILE
-    biformer detect predict IMAGE --checkpoint RUN/last.safetensors   # IMAGE: a file or astronaut/coffee/chelsea/...
+    biformer detect demo-data ROOT                    # a small synthetic COCO-layout set of shapes
+    biformer detect train --data ROOT --output RUN    # ROOT/{train,val}/, ROOT/annotations/instances_{train,val}.json
+    torchrun --nproc_per_node 8 -m biformer detect train --data ROOT --output RUN   # DDP
+    biformer detect train --resume RUN                # continue a stopped run exactly
+    biformer detect eval --checkpoint RUN/best.safetensors --data ROOT [--json]
+    biformer detect predict IMAGE --checkpoint RUN/best.safetensors [--output PNG]
 
-Training defaults are the paper's COCO 1x recipe: 12 epochs, AdamW lr 1e-4 (weight decay 0.05 for
-Mask R-CNN, 1e-4 for RetinaNet; none on norms and biases), linear warmup over 500 steps, lr x0.1
-after epochs 8 and 11, drop path 0.2, n_win 16, 800x1333 inputs, random horizontal flip. The paper
-used 16 images per step (8 GPUs x 2); ``--batch-size`` is per step here.
+Training runs on the shared engine (:mod:`biformer.engine.loop`). Its defaults are the paper's COCO
+1x recipe: 12 epochs, AdamW lr 1e-4 (weight decay 0.05 for Mask R-CNN, 1e-4 for RetinaNet; none on
+norms and biases), linear warmup over 500 steps, lr x0.1 after epochs 8 and 11, drop path 0.2,
+n_win 16, 800x1333 inputs, random horizontal flip. The paper used 16 images per update (8 GPUs x 2).
 """
 from __future__ import annotations
 
@@ -19,13 +21,15 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..errors import UserFileNotFoundError, UserValueError
-from ..backbone import (SAMPLE_IMAGES, LRSchedule, TrainLoop, build_optimizer, load_image, logged_evaluation,
-                        resolve_device)
+from ..engine.loop import ENGINE_NON_NEGATIVE, ENGINE_POSITIVE, add_engine_arguments, engine_config, resolve_options, run_task
+from ..engine.runtime import resolve_device
+from ..errors import UserValueError
+from ..images import SAMPLE_IMAGES, load_image
 from ..resources import check_arguments, check_aspect, check_memory, json_argument
-from .data import CocoDetection, _read_coco_json, collate
-from .engine import COCO_METRICS, detection_losses, draw_detections, evaluate_coco
-from .models import BUILDERS, load_detector, save_detector
+from .data import CocoDetection, _read_coco_json
+from .engine import COCO_METRICS, draw_detections, evaluate_coco
+from .models import BUILDERS, load_detector
+from .training import DetectionTask, coco_split
 
 WEIGHT_DECAY = {"mask_rcnn": 0.05, "retinanet": 1e-4}  # the paper's configs
 
@@ -39,13 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     demo.add_argument("--num-val", type=int, default=16)
     demo.add_argument("--seed", type=int, default=0)
 
-    train = sub.add_parser("train", help="train a detector on COCO-format data",
+    train = sub.add_parser("train", help="train a detector on a COCO-layout root",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--images", required=True, help="training images folder")
-    train.add_argument("--annotations", required=True, help="training instances JSON (COCO format)")
-    train.add_argument("--val-images", help="validation images folder (evaluated after every epoch)")
-    train.add_argument("--val-annotations", help="validation instances JSON")
-    train.add_argument("--output", required=True, help="run folder: last.safetensors, last.train.pt, metrics.jsonl")
+    train.add_argument("--data", help="COCO-layout ROOT: train/, val/, annotations/instances_{train,val}.json")
     train.add_argument("--model", choices=sorted(BUILDERS), default="mask_rcnn")
     train.add_argument("--backbone", default="biformer_small", help="biformer_tiny/small/base/stl")
     train.add_argument("--backbone-kwargs", default=None, help='extra BiFormer kwargs as JSON, e.g. \'{"depths": [1,1,2,1]}\'')
@@ -56,43 +56,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--drop-path", type=float, default=0.2, help="stochastic depth of the backbone")
     train.add_argument("--min-size", type=int, default=800, help="short side the model resizes images to")
     train.add_argument("--max-size", type=int, default=1333, help="cap on the long side")
-    train.add_argument("--epochs", type=int, default=12, help="passes over the training images (1x schedule)")
-    train.add_argument("--steps", type=int, default=None, help="total steps instead of --epochs (milestones scale with it)")
     train.add_argument("--milestones", type=float, nargs="*", default=[8, 11], help="epochs after which lr x0.1")
-    train.add_argument("--batch-size", type=int, default=2, help="images per step (the paper: 16 over 8 GPUs)")
-    train.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
-    train.add_argument("--weight-decay", type=float, default=None, help="none given: 0.05 (mask_rcnn), 1e-4 (retinanet)")
-    train.add_argument("--warmup-steps", type=int, default=500, help="linear warmup from 0.001x")
-    train.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    _add_runtime(train)
-    train.add_argument("--log-every", type=int, default=20)
+    add_engine_arguments(train, epochs=12, batch_size=2, lr=1e-4, warmup_steps=500)
 
     ev = sub.add_parser("eval", help="COCO mAP of a trained detector")
     ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--images", required=True)
-    ev.add_argument("--annotations", required=True)
-    ev.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    ev.add_argument("--data", required=True, help="COCO-layout ROOT (see train)")
+    ev.add_argument("--split", default="val", help="ROOT/SPLIT/ and ROOT/annotations/instances_SPLIT.json")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     ev.add_argument("--verbose", action="store_true", help="print pycocotools' full summary")
-    _add_runtime(ev)
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
     pr = sub.add_parser("predict", help="draw detections on an image to a PNG")
     pr.add_argument("image", help=f"image file, or a scikit-image sample: {', '.join(SAMPLE_IMAGES)}")
     pr.add_argument("--checkpoint", default=None, help="trained detector; without it an untrained model is used")
     pr.add_argument("--model", choices=sorted(BUILDERS), default="mask_rcnn", help="untrained model (no --checkpoint)")
     pr.add_argument("--backbone", default="biformer_small", help="untrained model's backbone (no --checkpoint)")
-    pr.add_argument("--output", default=None, help="PNG path (default: IMAGE_detections.png here)")
+    pr.add_argument("--output", default=None, help="also draw the detections to this PNG")
     pr.add_argument("--score-threshold", type=float, default=0.5,
                     help="draw detections scoring at least this (also lowers the model's own 0.05 cut-off)")
     pr.add_argument("--max-detections", type=int, default=100, help="keep at most this many per image")
     pr.add_argument("--max-memory-gb", type=float, default=None,
                     help="refuse inputs estimated to need more memory than this (default: half the RAM)")
     pr.add_argument("--device", default="auto")
-
-
-def _add_runtime(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--workers", type=int, default=2, help="data loader processes")
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def _format(metrics: Dict[str, float]) -> str:
@@ -104,86 +90,45 @@ def _format(metrics: Dict[str, float]) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from torch.utils.data import DataLoader
+    options, resume = resolve_options(args, "biformer detect train")
+    if not options.get("data"):
+        raise UserValueError("biformer detect train: give --data ROOT (a COCO-layout folder)")
+    check_arguments(argparse.Namespace(**options), positive=("n_win", *ENGINE_POSITIVE),
+                    non_negative=("drop_path", "milestones", *ENGINE_NON_NEGATIVE), at_least_32=("min_size", "max_size"))
+    backbone_kwargs = json_argument(options["backbone_kwargs"], "--backbone-kwargs")
+    model_kwargs = json_argument(options["model_kwargs"], "--model-kwargs")
 
-    check_arguments(args, positive=("n_win", "epochs", "steps", "batch_size", "lr", "log_every"),
-                    non_negative=("drop_path", "weight_decay", "warmup_steps", "workers", "milestones"),
-                    at_least_32=("min_size", "max_size"))
-    backbone_kwargs = json_argument(args.backbone_kwargs, "--backbone-kwargs")
-    model_kwargs = json_argument(args.model_kwargs, "--model-kwargs")
-    torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
-    out = Path(args.output)
-    last, state = out / "last.safetensors", out / "last.train.pt"
-    if args.resume:
-        if not last.is_file():
-            raise UserFileNotFoundError(f"--resume: no checkpoint at {str(last)!r}")
-        model, info = load_detector(last)
-        builder = info["builder"]
-    else:
-        builder = args.model
-    masks = builder == "mask_rcnn"
-    train_set = CocoDetection(args.images, args.annotations, train=True, masks=masks)
-    val_set = None
-    if args.val_images or args.val_annotations:
-        if not (args.val_images and args.val_annotations):
-            raise UserValueError("give both --val-images and --val-annotations, or neither")
-        val_set = CocoDetection(args.val_images, args.val_annotations, masks=masks)
-    if not args.resume:
-        model = BUILDERS[builder](
-            backbone=args.backbone,
-            num_classes=len(train_set.class_names),
-            pretrained_backbone=args.pretrained_backbone,
-            n_win=args.n_win,
-            drop_path_rate=args.drop_path,
-            min_size=args.min_size,
-            max_size=args.max_size,
-            backbone_kwargs=backbone_kwargs or None,
-            **model_kwargs,
-        )
-    model.to(device)
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                        collate_fn=collate, persistent_workers=args.workers > 0)
-    total = args.steps or args.epochs * len(loader)
-    per_epoch = total / args.epochs
-    schedule = LRSchedule("step", total, warmup_steps=min(args.warmup_steps, total // 4), warmup_ratio=1e-3,
-                          milestones=tuple(round(m * per_epoch) for m in args.milestones))
-    weight_decay = WEIGHT_DECAY[builder] if args.weight_decay is None else args.weight_decay
-    optimizer = build_optimizer(model, args.lr, weight_decay)
-    names = train_set.class_names
-    out.mkdir(parents=True, exist_ok=True)
+    def build(options: Dict[str, Any]) -> Tuple[DetectionTask, Any]:
+        task = DetectionTask(options, backbone_kwargs, model_kwargs)
+        schedule = dict(policy="step", warmup_steps=options["warmup_steps"], warmup_ratio=1e-3,
+                        milestones=tuple(options["milestones"]))
+        return task, engine_config(options, WEIGHT_DECAY[options["model"]], schedule)
 
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"{builder} with {args.backbone if not args.resume else info['kwargs'].get('backbone')} ({params:.1f}M params), "
-          f"{len(train_set)} training images, {len(names)} classes, {total} steps on {device}")
-    loop = TrainLoop(
-        model, optimizer, schedule, detection_losses(model, device),
-        state_path=state,
-        save=lambda step: save_detector(last, model, names),
-        evaluate=(logged_evaluation(lambda: evaluate_coco(model, val_set, device), out, lambda m: "\n" + _format(m))
-                  if val_set is not None else None),
-        log_every=args.log_every,
-        save_every=max(1, round(per_epoch)),
-        eval_every=max(1, round(per_epoch)),
-    )
-    loop.run_from(loader, resume=bool(args.resume))
-    print(f"saved {last}")
-    return 0
+    return run_task(build, options, resume, args.overwrite, options["device"],
+                    ["biformer detect train: this run's options. Continue it: biformer detect train --resume RUN"])
 
 
 def _eval(args: argparse.Namespace) -> int:
-    check_arguments(args, non_negative=("workers",))
-    _read_coco_json(args.annotations)  # a broken annotation file is named before the checkpoint loads
-    device = resolve_device(args.device)
-    model, info = load_detector(args.checkpoint)
-    dataset = CocoDetection(args.images, args.annotations, masks=info["builder"] == "mask_rcnn")
-    if dataset.class_names != info["class_names"]:
-        raise UserValueError(f"the annotations' classes {dataset.class_names[:5]}... differ from the checkpoint's "
-                         f"{info['class_names'][:5]}...")
-    metrics = evaluate_coco(model.to(device), dataset, device, verbose=args.verbose)
-    print(f"{info['builder']} on {len(dataset)} images:\n{_format(metrics)}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    from ..engine.runtime import init_runtime, shutdown
+
+    images, annotations = coco_split(args.data, args.split)
+    _read_coco_json(annotations)  # a broken annotation file is named before the checkpoint loads
+    runtime = init_runtime(args.device)
+    try:
+        model, info = load_detector(args.checkpoint)
+        dataset = CocoDetection(images, annotations, masks=info["builder"] == "mask_rcnn")
+        if dataset.class_names != info["class_names"]:
+            raise UserValueError(f"the annotations' classes {dataset.class_names[:5]}... differ from the checkpoint's "
+                                 f"{info['class_names'][:5]}...")
+        metrics = evaluate_coco(model.to(runtime.device), dataset, runtime.device, verbose=args.verbose,
+                                runtime=runtime)
+    finally:
+        shutdown(runtime)
+    if runtime.is_main:
+        if args.json:
+            print(json.dumps({"model": info["builder"], "num_images": len(dataset), **metrics}, indent=2))
+        else:
+            print(f"{info['builder']} on {len(dataset)} images:\n{_format(metrics)}")
     return 0
 
 
@@ -211,12 +156,14 @@ def _predict(args: argparse.Namespace) -> int:
     image = pil_to_tensor(pil)  # (3, H, W) uint8
     output = model([image.float().div(255).to(device)])[0]
     drawn = draw_detections(image, output, names, score_threshold=args.score_threshold)
-    path = Path(args.output or f"{Path(str(args.image)).stem}_detections.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(path)
     keep = output["scores"] >= args.score_threshold
-    print(f"{int(keep.sum())} detections with score >= {args.score_threshold}; wrote {path} "
-          f"({drawn.shape[2]}x{drawn.shape[1]})")
+    wrote = ""
+    if args.output:  # nothing is written unless asked
+        path = Path(args.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(path)
+        wrote = f"; wrote {path} ({drawn.shape[2]}x{drawn.shape[1]})"
+    print(f"{int(keep.sum())} detections with score >= {args.score_threshold}{wrote}")
     if not keep.any():
         best = f"{output['scores'].max().item():.3f}" if len(output["scores"]) else "none"
         print(f"  (best score: {best}; lower --score-threshold to see more)")

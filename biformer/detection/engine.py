@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -12,22 +12,10 @@ from torch import Tensor
 
 from .data import CocoDetection
 
-__all__ = ["detection_losses", "to_coco_results", "evaluate_coco", "draw_detections", "COCO_METRICS"]
+__all__ = ["to_coco_results", "evaluate_coco", "draw_detections", "COCO_METRICS"]
 
 # the order of COCOeval.stats
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-def detection_losses(model: nn.Module, device: torch.device) -> Callable[[Any], Dict[str, Tensor]]:
-    """``batch -> loss dict`` for :class:`biformer.backbone.TrainLoop`."""
-
-    def compute(batch: Tuple[List[Tensor], List[Dict[str, Tensor]]]) -> Dict[str, Tensor]:
-        images, targets = batch
-        images = [im.to(device, non_blocking=True) for im in images]
-        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        return model(images, targets)
-
-    return compute
 
 
 def to_coco_results(
@@ -78,18 +66,23 @@ def evaluate_coco(
     batch_size: int = 1,
     log: Callable[[str], None] = print,
     verbose: bool = False,
+    runtime: Optional[Any] = None,
 ) -> Dict[str, float]:
     """Run the model over ``dataset`` and score it with pycocotools.
 
     Returns ``{"bbox_AP": ..., "bbox_AP50": ..., ..., "segm_AP": ...}`` as fractions in [0, 1]
-    (``segm_*`` only for models that predict masks).
+    (``segm_*`` only for models that predict masks). Under torchrun (``runtime`` distributed) each
+    rank runs its shard of the images; rank 0 scores all results and every rank gets the figures.
     """
-    from torch.utils.data import DataLoader
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, Subset
 
     from .data import collate
 
     model.eval()
-    loader: Iterable = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    world, rank = (runtime.world_size, runtime.rank) if runtime is not None else (1, 0)
+    shard = Subset(dataset, list(range(rank, len(dataset), world)))  # type: ignore[arg-type]
+    loader: Iterable = DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate)
     results: List[Dict[str, Any]] = []
     has_masks = False
     for images, targets in loader:
@@ -97,12 +90,23 @@ def evaluate_coco(
         for output, target in zip(outputs, targets):
             has_masks = has_masks or "masks" in output
             results += to_coco_results(output, int(target["image_id"]), dataset.category_ids)
+    if world > 1:
+        gathered: List[Any] = [None] * world
+        dist.all_gather_object(gathered, (results, has_masks))
+        results = [r for part, _ in gathered for r in part]
+        has_masks = any(m for _, m in gathered)
+        if rank != 0:  # rank 0 scores; the others receive its figures
+            box: List[Any] = [None]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
     metrics: Dict[str, float] = {}
     for iou_type in ("bbox", "segm") if has_masks else ("bbox",):
         stats, text = _summarise(dataset.coco, results, iou_type)
         if verbose:
             log(text.rstrip())
         metrics.update({f"{iou_type}_{k}": v for k, v in stats.items()})
+    if world > 1:
+        dist.broadcast_object_list([metrics], src=0)
     return metrics
 
 
@@ -119,7 +123,7 @@ def draw_detections(
     """
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-    from ..backbone import class_colors, label_font_path
+    from ..viz.colors import class_colors, label_font_path
 
     if image.dtype != torch.uint8:
         image = (image.clamp(0, 1) * 255).round().to(torch.uint8)

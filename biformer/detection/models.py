@@ -26,7 +26,8 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from ..errors import UserValueError
-from ..backbone import BiFormerBackbone, PathLike, load_task_model, save_task_model
+from ..backbone import BiFormerBackbone, PathLike
+from ..checkpoint import load_task_model, save_task_model
 
 __all__ = ["BiFormerFPN", "BiFormerRetinaNet", "retinanet", "mask_rcnn", "BUILDERS", "save_detector", "load_detector"]
 
@@ -191,9 +192,10 @@ def mask_rcnn(
 BUILDERS = {"retinanet": retinanet, "mask_rcnn": mask_rcnn}
 
 
-def save_detector(path: PathLike, model: nn.Module, class_names: Sequence[str]) -> None:
+def save_detector(path: PathLike, model: nn.Module, class_names: Sequence[str],
+                  extra_metadata: Optional[Dict[str, str]] = None) -> None:
     """Write a detector built here, with its class names, to a safetensors file (atomically)."""
-    save_task_model(path, model, TASK, class_names)
+    save_task_model(path, model, TASK, class_names, extra_metadata)
 
 
 def load_detector(path: PathLike) -> "tuple[nn.Module, Dict[str, Any]]":

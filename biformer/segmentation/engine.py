@@ -7,7 +7,7 @@ accuracy over classes present in the labels.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,17 +18,7 @@ from torch import Tensor
 from ..errors import UserValueError
 from .models import IGNORE_INDEX
 
-__all__ = ["segmentation_losses", "confusion_matrix", "metrics_from_confusion", "evaluate_miou", "overlay"]
-
-
-def segmentation_losses(model: nn.Module, device: torch.device) -> Callable[[Any], Dict[str, Tensor]]:
-    """``batch -> loss dict`` for :class:`biformer.backbone.TrainLoop`."""
-
-    def compute(batch: Tuple[Tensor, Tensor]) -> Dict[str, Tensor]:
-        images, labels = batch
-        return model.losses(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
-
-    return compute
+__all__ = ["confusion_matrix", "metrics_from_confusion", "evaluate_miou", "overlay"]
 
 
 def confusion_matrix(pred: Tensor, label: Tensor, num_classes: int) -> Tensor:
@@ -66,18 +56,26 @@ def evaluate_miou(
     num_classes: int,
     device: torch.device,
     class_names: Sequence[str] = (),
+    runtime: Optional[Any] = None,
 ) -> Dict[str, Any]:
-    """Whole-image inference over ``dataset`` (items: resized image, original-size label); see module doc."""
-    from torch.utils.data import DataLoader
+    """Whole-image inference over ``dataset`` (items: resized image, original-size label); see module doc.
 
+    Under torchrun (``runtime`` distributed) each rank runs its shard; the confusion matrices are summed."""
+    from torch.utils.data import DataLoader, Subset
+
+    from ..engine.runtime import all_reduce_sum
     from .data import collate_eval
 
     model.eval()
+    world, rank = (runtime.world_size, runtime.rank) if runtime is not None else (1, 0)
+    shard = Subset(dataset, list(range(rank, len(dataset), world)))
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    for image, label in DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate_eval):
+    for image, label in DataLoader(shard, batch_size=1, shuffle=False, collate_fn=collate_eval):
         logits = model(image.to(device))  # (1, K, h, w) at the resized image's size
         logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
         confusion += confusion_matrix(logits.argmax(1).cpu(), label, num_classes)
+    if world > 1:
+        confusion = all_reduce_sum(confusion.to(runtime.device), runtime).cpu()  # type: ignore[union-attr]
     return metrics_from_confusion(confusion, class_names)
 
 
@@ -90,7 +88,7 @@ def overlay(
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    from ..backbone import class_colors, label_font_path
+    from ..viz.colors import class_colors, label_font_path
 
     palette = torch.tensor(class_colors(len(class_names)), dtype=torch.float32)  # (K, 3)
     colour = palette[prediction.long()].permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import FeaturePyramidNetwork
 
-from ..backbone import BiFormerBackbone, PathLike, load_task_model, save_task_model
+from ..backbone import BiFormerBackbone, PathLike
+from ..checkpoint import load_task_model, save_task_model
 
 __all__ = [
     "Segmentor",
@@ -188,7 +189,11 @@ class Segmentor(nn.Module):
             aux = _resize(self.auxiliary_head(feats[self.auxiliary_index]), size)
         return logits, aux
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, labels: Optional[Tensor] = None) -> Any:
+        """Logits ``(B, K, H, W)``; with ``labels``, the training losses (as torchvision's detectors do,
+        so that DDP sees the training forward)."""
+        if labels is not None:
+            return self.losses(images, labels)
         head_in, _ = self._features(images)
         return _resize(self.decode_head(head_in), images.shape[-2:])  # (B, K, H/4, W/4) -> (B, K, H, W)
 
@@ -257,9 +262,10 @@ def semantic_fpn(
 BUILDERS = {"upernet": upernet, "semantic_fpn": semantic_fpn}
 
 
-def save_segmentor(path: PathLike, model: nn.Module, class_names: Sequence[str]) -> None:
+def save_segmentor(path: PathLike, model: nn.Module, class_names: Sequence[str],
+                   extra_metadata: Optional[Dict[str, str]] = None) -> None:
     """Write a segmentor built here, with its class names, to a safetensors file (atomically)."""
-    save_task_model(path, model, TASK, class_names)
+    save_task_model(path, model, TASK, class_names, extra_metadata)
 
 
 def load_segmentor(path: PathLike) -> "tuple[nn.Module, Dict[str, Any]]":

@@ -10,7 +10,7 @@ Python API (for notebooks)::
     result.queries[0].routed           # routed regions, best first
     result.queries[0].attention        # (heads, H, W) attention map, NaN outside routed tokens
 
-Command line: ``biformer visualize --image astronaut --output out.png``.
+Command line: ``biformer visualize astronaut --output out.png``.
 """
 from .capture import CapturedLayer, RoutingCapture, routed_layers
 from .figures import (

@@ -1,8 +1,8 @@
 """``biformer visualize``: draw where queries route and attend.
 
-    biformer visualize --image astronaut --output out.png
-    biformer visualize --image photo.jpg --checkpoint model.safetensors --stage 3 --query 250,120 --query 80,300 --output out.png
-    biformer visualize --image coffee --checkpoint model.safetensors --all-queries --output freq.png
+    biformer visualize astronaut --output out.png
+    biformer visualize photo.jpg --checkpoint model.safetensors --stage 3 --query 250,120 --query 80,300 --output out.png
+    biformer visualize coffee --checkpoint model.safetensors --all-queries --output freq.png
 
 Stages are numbered 1..4 as in the paper; stage 4 of BiFormer uses global attention (no routing),
 so 1..3 can be drawn, and the default is 3 (the paper's figures). Blocks count from 0; -1 = last.
@@ -28,7 +28,7 @@ def _point(text: str) -> Tuple[float, float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--image", required=True,
+    parser.add_argument("image",
                         help=f"image file, or one of the photos bundled with scikit-image: {', '.join(BUNDLED_IMAGES)}")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="trained checkpoint (ours from `biformer train`, or the original's format)")

@@ -1,10 +1,10 @@
 # Mask R-CNN + BiFormer-S, COCO 1x (paper: 47.8 box AP / 43.2 mask AP), for mmdetection 3.x.
-# Needs `pip install mmdet` (and mmcv); `biformer.mm` registers the backbone. Train with
+# Needs `pip install mmdet` (and mmcv); `biformer.integrations.mm` registers the backbone. Train with
 #   python tools/train.py configs/detection/mask_rcnn_biformer_small_fpn_1x_coco.py  (8 GPUs x 2 images)
 # Without mmdetection, the same recipe is `biformer detect train --model mask_rcnn` (torchvision).
 _base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
 
-custom_imports = dict(imports=['biformer.mm'], allow_failed_imports=False)
+custom_imports = dict(imports=['biformer.integrations.mm'], allow_failed_imports=False)
 
 model = dict(
     backbone=dict(

@@ -2,7 +2,7 @@
 # Without mmdetection, the same recipe is `biformer detect train --model retinanet` (torchvision).
 _base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
 
-custom_imports = dict(imports=['biformer.mm'], allow_failed_imports=False)
+custom_imports = dict(imports=['biformer.integrations.mm'], allow_failed_imports=False)
 
 model = dict(
     backbone=dict(

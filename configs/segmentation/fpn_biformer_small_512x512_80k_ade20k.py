@@ -2,7 +2,7 @@
 # Without mmsegmentation, the same recipe is `biformer segment train --model semantic_fpn`.
 _base_ = 'mmseg::sem_fpn/fpn_r50_4xb4-160k_ade20k-512x512.py'
 
-custom_imports = dict(imports=['biformer.mm'], allow_failed_imports=False)
+custom_imports = dict(imports=['biformer.integrations.mm'], allow_failed_imports=False)
 
 model = dict(
     pretrained=None,

@@ -1,9 +1,9 @@
 # UperNet + BiFormer-S, ADE20K 512x512, 160k iterations (paper: 49.8 mIoU), for mmsegmentation 1.x.
-# Needs `pip install mmsegmentation` (and mmcv); `biformer.mm` registers the backbone.
+# Needs `pip install mmsegmentation` (and mmcv); `biformer.integrations.mm` registers the backbone.
 # Without mmsegmentation, the same recipe is `biformer segment train --model upernet`.
 _base_ = 'mmseg::upernet/upernet_r50_4xb4-160k_ade20k-512x512.py'
 
-custom_imports = dict(imports=['biformer.mm'], allow_failed_imports=False)
+custom_imports = dict(imports=['biformer.integrations.mm'], allow_failed_imports=False)
 
 model = dict(
     pretrained=None,

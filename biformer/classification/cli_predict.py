@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from .engine import log
     from .data import eval_transform
     from .inference import check_numbers, display_names, load_checkpoint
-    from .runtime import resolve_device
+    from ..engine.runtime import resolve_device
 
     check_numbers(args, positive=("top_k", "batch_size"))
     device = resolve_device(args.device)

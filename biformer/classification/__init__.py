@@ -2,7 +2,7 @@
 
 The recipe defaults are the paper's ImageNet recipe; ``--preset digits`` (the default when no data
 is given) trains a small BiFormer on scikit-learn's bundled handwritten digits in minutes on a CPU.
-Submodules are imported on first use, so ``python -m biformer.train.data`` runs cleanly.
+Submodules are imported on first use, so ``python -m biformer.classification.data`` runs cleanly.
 """
 from __future__ import annotations
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..errors import UserValueError
+from ..errors import UserError, UserValueError
 
 
 @dataclass
@@ -112,3 +112,39 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManag
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def broadcast_object(value: Any) -> Any:
+    """The main process's ``value`` on every rank (run names hold a timestamp)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+T = TypeVar("T")
+
+
+def on_main_first(runtime: Any, step: Callable[[], T]) -> Optional[T]:
+    """Run ``step`` on the main process only; if it fails, every rank raises at once instead of
+    waiting for rank 0 in a later collective (a refusal, a UserError, stays one on every rank)."""
+    result: Optional[T] = None
+    outcome: Optional[tuple] = None  # (is a user error, message) when step failed
+    failure: Optional[BaseException] = None
+    if runtime.is_main:
+        try:
+            result = step()
+        except Exception as e:
+            failure, outcome = e, (isinstance(e, UserError), f"{type(e).__name__}: {e}")
+    outcome = broadcast_object(outcome)
+    if failure is not None:
+        raise failure
+    if outcome is not None:
+        is_user_error, message = outcome
+        if is_user_error:
+            raise UserError(message.split(": ", 1)[1])
+        raise RuntimeError(f"the main process failed to prepare the run folder: {message}")
+    return result

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from . import data as data_lib
     from .engine import evaluate
     from .inference import check_numbers, load_checkpoint
-    from .runtime import init_runtime, resolve_amp, shutdown
+    from ..engine.runtime import init_runtime, resolve_amp, shutdown
 
     check_numbers(args, positive=("batch_size", "img_size"), non_negative=("num_workers",), fractions=("crop_pct",))
     runtime = init_runtime(args.device)

@@ -101,30 +101,30 @@ def _int(value: Optional[str]) -> Optional[int]:
         return None
 
 
-def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
-    """Loss and accuracy per epoch, as a PNG."""
+def plot_curves(history: List[Dict[str, Any]], path: Path, metrics: Optional[Sequence[str]] = None) -> None:
+    """Losses and ``metrics`` per epoch, as a PNG (default: classification's accuracies)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train (with smoothing/mixup)")
-    ax_loss.plot(epochs, [row["val_loss"] for row in history], label="val")
-    ax_acc.plot(epochs, [row["val_top1"] for row in history], label="val top-1")
-    if any("ema_val_top1" in row for row in history):
-        ax_loss.plot(epochs, [row.get("ema_val_loss") for row in history], label="val (EMA)")
-        ax_acc.plot(epochs, [row.get("ema_val_top1") for row in history], label="val top-1 (EMA)")
-    ax_acc.plot(epochs, [row["val_top5"] for row in history], label="val top-5", alpha=0.5)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     from matplotlib.ticker import MaxNLocator
 
-    for ax in (ax_loss, ax_acc):
+    if metrics is None:
+        metrics = [k for k in ("val_top1", "ema_val_top1", "val_top5") if any(k in row for row in history)]
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "val"), ("ema_val_loss", "val (EMA)")):
+        if any(key in row for row in history):
+            ax_loss.plot(epochs, [row.get(key) for row in history], label=label)
+    for key in metrics:
+        ax_metric.plot(epochs, [row.get(key) for row in history], label=key.replace("_", " "))
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_metric.set(xlabel="epoch", title="validation")
+    for ax in (ax_loss, ax_metric):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_lines():
+            ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

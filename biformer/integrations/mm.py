@@ -3,7 +3,7 @@
 Nothing here needs OpenMMLab: each registry is used only when its package imports. In an mm
 config, import this module and name the backbone::
 
-    custom_imports = dict(imports=["biformer.mm"], allow_failed_imports=False)
+    custom_imports = dict(imports=["biformer.integrations.mm"], allow_failed_imports=False)
     model = dict(backbone=dict(_delete_=True, type="BiFormerBackbone", model_name="biformer_small",
                                n_win=16, drop_path_rate=0.2, norm_eval=True,
                                pretrained="biformer_small.safetensors"))

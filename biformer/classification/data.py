@@ -438,7 +438,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m biformer.train.data",
+        prog="python -m biformer.classification.data",
         description="write the bundled digits as an ImageFolder (train/ and val/ of PNGs)",
     )
     parser.add_argument("command", choices=["export-digits"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, TypeVar
+from typing import Any, Dict, Optional
 
 from ..errors import UserError, UserValueError
 from .config import (
@@ -70,17 +70,6 @@ def _default_output(cfg: TrainConfig) -> str:
     return str(Path("runs") / f"{cfg.preset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _broadcast(value: Any) -> Any:
-    """The main process's ``value`` on every rank (run names hold a timestamp)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def load_config(args: argparse.Namespace) -> TrainConfig:
     overrides: Dict[str, Any] = explicit_overrides(args)
     if args.resume is None:
@@ -102,45 +91,20 @@ def load_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-T = TypeVar("T")
-
-
-def _on_main_first(runtime: Any, step: Callable[[], T]) -> Optional[T]:
-    """Run ``step`` on the main process only; if it fails, every rank raises at once instead of
-    waiting for rank 0 in a later collective (a refusal, a UserError, stays one on every rank)."""
-    result: Optional[T] = None
-    outcome: Optional[tuple] = None  # (is a user error, message) when step failed
-    failure: Optional[BaseException] = None
-    if runtime.is_main:
-        try:
-            result = step()
-        except Exception as e:
-            failure, outcome = e, (isinstance(e, UserError), f"{type(e).__name__}: {e}")
-    outcome = _broadcast(outcome)
-    if failure is not None:
-        raise failure
-    if outcome is not None:
-        is_user_error, message = outcome
-        if is_user_error:
-            raise UserError(message.split(": ", 1)[1])
-        raise RuntimeError(f"the main process failed to prepare the run folder: {message}")
-    return result
-
-
 def run(args: argparse.Namespace) -> int:
     from .engine import Trainer, log, write_config
-    from .rundir import prepare_run_folder
-    from .runtime import init_runtime, shutdown
+    from ..engine.rundir import prepare_run_folder
+    from ..engine.runtime import broadcast_object, init_runtime, on_main_first, shutdown
 
     cfg = load_config(args)
     runtime = init_runtime(cfg.device)
     lock = None
     try:
-        output = cfg.output or _broadcast(_default_output(cfg))
+        output = cfg.output or broadcast_object(_default_output(cfg))
         cfg = resolve(cfg, runtime.world_size, output)
         resume = args.resume is not None
         # only rank 0 writes, so only rank 0 locks; the others learn the outcome from it
-        lock = _on_main_first(runtime, lambda: prepare_run_folder(
+        lock = on_main_first(runtime, lambda: prepare_run_folder(
             Path(output), resume, getattr(args, "overwrite", False), note=log))
         trainer = Trainer(cfg, runtime, resume=resume)
         write_config(cfg, runtime)

@@ -33,34 +33,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..checkpoint import DiskFullError, atomic_write, describe_load_error, is_disk_full, read_state_dict, save_model
+from ..checkpoint import DiskFullError, atomic_write, describe_load_error, is_disk_full, load_weights, save_model
 from ..errors import UserError, UserValueError
-from ..models.biformer import CheckpointMismatchError, checkpoint_filter_fn
+from ..models.biformer import CheckpointMismatchError
 from . import data as data_lib
 from .config import TrainConfig, dump_yaml, resolved_drop_path, resolved_lr, to_dict
-from .logs import RunLog, plot_curves
-from .runtime import Runtime, all_reduce_min, all_reduce_sum, autocast, barrier, resolve_amp
+from ..engine.logs import RunLog, plot_curves
+from ..engine.loop import TrainingDiverged, derived_seed, log
+from ..engine.runtime import Runtime, all_reduce_min, all_reduce_sum, autocast, barrier, resolve_amp
 
 STATE_FORMAT = "biformer-train-state"
 STATE_VERSION = 1
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
-
-
-class TrainingDiverged(UserError, FloatingPointError):
-    """The training loss became NaN or infinite; the run stops and keeps its last good state."""
-
-
-def log(message: str, runtime: Optional[Runtime] = None) -> None:
-    """Print on the main process, without breaking progress bars."""
-    if runtime is None or runtime.is_main:
-        from tqdm import tqdm
-
-        tqdm.write(message, file=sys.stderr)
-
-
-def derived_seed(*values: int) -> int:
-    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, np.uint64)[0] >> 1)
 
 
 # ---- evaluation --------------------------------------------------------------------------------
@@ -169,27 +154,6 @@ def data_config(cfg: TrainConfig, model: nn.Module) -> Dict[str, Any]:
     }
 
 
-def load_initial_weights(model: nn.Module, path: str, model_name: str) -> List[str]:
-    """Load ``path`` (ours or the original's format) into ``model``; a classifier of another class
-    count is left at its fresh init. Returns the keys not loaded."""
-    state, metadata = read_state_dict(path)
-    saved_name = metadata.get("model_name")
-    if saved_name and saved_name != model_name:
-        raise CheckpointMismatchError(f"{path!r} holds a {saved_name} checkpoint, but the run trains {model_name}")
-    try:
-        state = checkpoint_filter_fn(state, model)
-    except CheckpointMismatchError as e:
-        raise CheckpointMismatchError(f"{path!r} does not fit {model_name}: {e}") from e
-    own = model.state_dict()
-    dropped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    for k in dropped:
-        del state[k]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise CheckpointMismatchError(f"{path!r} has keys {unexpected[:5]} that {model_name} does not")
-    return sorted(set(missing) | set(dropped))
-
-
 # ---- training ----------------------------------------------------------------------------------
 
 
@@ -252,7 +216,7 @@ class Trainer:
         except ValueError as e:  # each kwarg passed the config's checks, but together they may not build
             raise UserValueError(f"cannot build {cfg.model} with model_kwargs {cfg.model_kwargs}: {e}") from e
         if cfg.pretrained and not resume:
-            not_loaded = load_initial_weights(model, cfg.pretrained, cfg.model)
+            not_loaded = load_weights(model, cfg.pretrained, cfg.model)
             log(f"initial weights from {cfg.pretrained}" + (f"; fresh: {not_loaded}" if not_loaded else ""), runtime)
         self.data_cfg = data_config(cfg, model)
         model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **self.data_cfg, "num_classes": self.num_classes}
@@ -669,4 +633,4 @@ def write_config(cfg: TrainConfig, runtime: Runtime) -> None:
     barrier(runtime)
 
 
-__all__ = ["EvalResult", "Trainer", "TrainingDiverged", "evaluate", "load_initial_weights", "write_config"]
+__all__ = ["EvalResult", "Trainer", "TrainingDiverged", "evaluate", "write_config"]
