@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .suites import FULL_ATTENTION, ORIGINAL, OURS, geometric_mean, infer_mode, original_name, train_mode
+from .._extras import require
 
 __all__ = ["Target", "compute_targets", "format_report", "write_json", "write_chart"]
 
@@ -266,6 +267,7 @@ def write_json(results: Dict[str, Any], path: str) -> None:
 
 def write_chart(results: Dict[str, Any], path: str) -> None:
     """A PNG with one panel per measured quantity; missing parts leave a labelled empty panel."""
+    require("matplotlib", extra="bench")  # one clear error when the extra is absent
     import matplotlib
 
     matplotlib.use("Agg", force=False)

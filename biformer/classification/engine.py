@@ -40,6 +40,7 @@ from . import data as data_lib
 from .config import TrainConfig, dump_yaml, resolved_drop_path, resolved_lr, to_dict
 from ..engine.logs import RunLog, plot_curves
 from ..engine.runtime import Runtime, all_reduce_min, all_reduce_sum, autocast, barrier, resolve_amp
+from .._extras import require
 
 STATE_FORMAT = "biformer-train-state"
 STATE_VERSION = 1
@@ -54,6 +55,7 @@ class TrainingDiverged(UserError, FloatingPointError):
 def log(message: str, runtime: Optional[Runtime] = None) -> None:
     """Print on the main process, without breaking progress bars."""
     if runtime is None or runtime.is_main:
+        require("tqdm", extra="train")  # one clear error when the extra is absent
         from tqdm import tqdm
 
         tqdm.write(message, file=sys.stderr)
@@ -105,6 +107,7 @@ def evaluate(model: nn.Module, loader: Any, num_classes: int, runtime: Runtime,
 
     Images whose logits are not finite are counted (``num_nonfinite``); with any of them, loss and
     accuracies are NaN, since a ranking of NaN logits means nothing."""
+    require("tqdm", extra="train")  # one clear error when the extra is absent
     from tqdm import tqdm
 
     model.eval()
@@ -476,6 +479,7 @@ class Trainer:
                                f"{kept}; lower --lr or set --clip-grad")
 
     def train_epoch(self) -> None:
+        require("tqdm", extra="train")  # one clear error when the extra is absent
         from tqdm import tqdm
 
         cfg, runtime, device = self.cfg, self.runtime, self.runtime.device

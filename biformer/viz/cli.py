@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Tuple
 
 from ..errors import UserValueError
 from .images import BUNDLED_IMAGES
+from .._extras import require
 
 
 def _point(text: str) -> Tuple[float, float]:
@@ -83,6 +84,7 @@ def _summary(result: Any) -> List[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    require("matplotlib", extra="viz")  # one clear error when the extra is absent
     import matplotlib
 
     matplotlib.use("Agg")
