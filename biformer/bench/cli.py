@@ -1,6 +1,6 @@
 """``biformer bench``: BRA backends and whole models against the original algorithm, Swin-T and ConvNeXt-T.
 
-Prints tables and the issue-3 targets to stdout (progress goes to stderr), and writes
+Prints tables and the speed and memory targets to stdout (progress goes to stderr), and writes
 ``bench.json`` and ``bench.png`` to ``--output``.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Report of ``biformer bench``: text tables, the targets of issue 3, JSON and a PNG chart."""
+"""Report of ``biformer bench``: text tables, the speed and memory targets, JSON and a PNG chart."""
 from __future__ import annotations
 
 import json
@@ -57,7 +57,7 @@ def _layer_entry(results: Dict[str, Any], case: str) -> Optional[Dict[str, Any]]
 
 
 def compute_targets(results: Dict[str, Any]) -> List[Target]:
-    """The measures issue 3 sets targets for, from a results dict (``None`` where a part did not run)."""
+    """The measures the targets are set for, from a results dict (``None`` where a part did not run)."""
     config = results["config"]
     train = train_mode(config["train_batch"])
     infer = infer_mode(max(config["infer_batches"]))
@@ -238,7 +238,7 @@ def format_report(results: Dict[str, Any]) -> str:
                  f"{t['direction']} {_fmt(t['goal'], t['unit'])}",
                  {True: "pass", False: "MISS", None: "n/a"}[t["passed"]] + (f" ({t['note']})" if t["note"] else "")]
                 for t in targets]
-        out += ["Targets (issue 3); ratios from this run",
+        out += ["Targets; ratios from this run",
                 _table(["measure", "ours", "original (same run)", "target", "pass/miss"], rows), ""]
     return "\n".join(out)
 

@@ -130,3 +130,9 @@ def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
+
+
+def show_progress(progress: bool, is_main: bool = True) -> bool:
+    """Progress bars only on the main process and on a terminal: redirected to a file, a bar's
+    carriage-return updates would flood the log; the one line per epoch is the record there."""
+    return progress and is_main and sys.stderr.isatty()
