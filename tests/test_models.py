@@ -99,7 +99,9 @@ def test_timm_contract(name: str) -> None:
     # timm's optimizer factory exempts no_weight_decay() and every 1-D parameter from weight decay;
     # BiFormer has no position tables or tokens, so exactly the norms and biases are exempt
     assert model.no_weight_decay() == set()
-    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    from timm.optim import create_optimizer_v2
+
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
     exempt = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
     one_d = {name for name, p in model.named_parameters() if p.ndim <= 1}
     assert {name for name, p in model.named_parameters() if id(p) in exempt} == one_d
