@@ -28,6 +28,11 @@ COMMANDS = {
 }
 
 
+# commands that train or evaluate for a while on the CPU: their OpenMP threads sleep rather than spin
+# while waiting, so a core held by another process does not stall every op (see engine/threads.py)
+THREADED = frozenset({"train", "eval", "detect", "segment"})
+
+
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: biformer COMMAND [options]", "", "commands:"]
@@ -63,6 +68,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv[1:])
     from .errors import UserError
 
+    if name in THREADED:
+        from .engine.threads import set_openmp_passive
+
+        set_openmp_passive()  # read once, when torch loads, so before any torch import
+    importlib.import_module("biformer.models")  # registers the models with timm (deferred for --help)
     try:
         return int(module.run(args) or 0)
     except UserError as e:  # bad input: one line; anything else keeps its traceback

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO, Union
 import numpy as np
 
 from .errors import UserError
+from ._extras import require
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -118,6 +119,7 @@ def load_image(source: PathLike) -> "Image.Image":  # noqa: F821  (PIL, imported
     if path.is_file():
         return open_rgb(path)
     if str(source) in SAMPLE_IMAGES:
+        require("skimage", extra="viz")  # one clear error when the extra is absent
         import skimage.data
 
         array = getattr(skimage.data, str(source))()

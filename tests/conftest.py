@@ -10,6 +10,9 @@ import torch
 # Under `pytest -n N` each worker keeps to one thread, so the workers do not oversubscribe the cores.
 if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
+# The CLI picks CPU threads itself unless OMP_NUM_THREADS is set: a command run inside a test keeps
+# this process's count, so its results compare with the test's own.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"

@@ -274,7 +274,7 @@ def test_train_with_bf16_autocast_on_the_cpu_saves_fp32_weights(tmp_path: Path) 
     assert logits.dtype == torch.float32 and logits.shape == (2, 10) and torch.isfinite(logits).all()
 
 
-# ---- the issue-9 table ---------------------------------------------------------------------------------
+# ---- the targets table ---------------------------------------------------------------------------------
 
 
 def _measured(times: Dict[str, Dict[str, float]], memory: Dict[str, Dict[str, float]], diffs: Dict[str, float]) -> Dict[str, Any]:
@@ -287,7 +287,7 @@ def _measured(times: Dict[str, Dict[str, float]], memory: Dict[str, Dict[str, fl
     return {"groups": groups, "memory": memory, "batch": 8, "image_size": 224, "repeats": 7}
 
 
-def test_issue9_table_takes_each_ratio_within_its_group() -> None:
+def test_targets_table_takes_each_ratio_within_its_group() -> None:
     S, T, W = "biformer_small", "biformer_tiny", "swin_tiny_patch4_window7_224"
     measured = _measured(
         {"eager": {f"{S}/train_b8": 3.0, f"{T}/train_b8": 1.2, f"{W}/train_b8": 2.0,

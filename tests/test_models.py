@@ -96,7 +96,16 @@ def test_timm_contract(name: str) -> None:
 
     groups = group_parameters(model, model.group_matcher())
     assert sum(len(v) for v in groups.values()) == len(list(model.named_parameters()))
-    assert isinstance(model.no_weight_decay(), set)
+    # timm's optimizer factory exempts no_weight_decay() and every 1-D parameter from weight decay;
+    # BiFormer has no position tables or tokens, so exactly the norms and biases are exempt
+    assert model.no_weight_decay() == set()
+    from timm.optim import create_optimizer_v2
+
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    exempt = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    one_d = {name for name, p in model.named_parameters() if p.ndim <= 1}
+    assert {name for name, p in model.named_parameters() if id(p) in exempt} == one_d
+    assert any(".norm" in n for n in one_d) and any(n.endswith(".bias") for n in one_d)
     cfg = model.pretrained_cfg
     assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.875
     assert cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
@@ -150,12 +159,13 @@ def test_compile_fullgraph_without_recompiling() -> None:
         graphs.append(gm)
         return gm.forward
 
+    # one graph serves every batch size: the model has no batch-dependent Python branch
     model = timm.create_model("biformer_tiny", num_classes=10).eval()
-    compiled = torch.compile(model, backend=counting_backend, fullgraph=True)
-    x = torch.randn(2, 3, 112, 112)
+    compiled = torch.compile(model, backend=counting_backend, fullgraph=True, dynamic=True)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x))
-        compiled(torch.randn(2, 3, 112, 112))
+        for batch in (2, 3, 5):
+            x = torch.randn(batch, 3, 112, 112)
+            torch.testing.assert_close(compiled(x), model(x))
     assert len(graphs) == 1
 
 

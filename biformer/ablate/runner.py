@@ -135,7 +135,7 @@ def check_topks(settings: AblationSettings) -> None:
 
 def train_config(settings: AblationSettings, spec: RunSpec) -> Any:
     """The `biformer train` config of one run: the skeleton with this run's mixer, topk and seed."""
-    from ..train.config import build_config
+    from ..classification.config import build_config
 
     topk = spec.topk if spec.topk is not None else 1  # non-routed mixers ignore it
     overrides: Dict[str, Any] = dict(
@@ -234,10 +234,10 @@ def measure_speed(model: nn.Module, img_size: int, batch: int, steps: int, devic
 def train_and_measure(settings: AblationSettings, spec: RunSpec, device: torch.device, log: Log) -> Dict[str, Any]:
     """Train one run with the classification engine (resuming its own checkpoint when it has one),
     measure it, and write its ``result.json``."""
-    from ..train.cli_train import resolve
-    from ..train.engine import STATE_FILE, Trainer, write_config
-    from ..train.rundir import prepare_run_folder
-    from ..train.runtime import Runtime
+    from ..classification.cli_train import resolve
+    from ..classification.engine import STATE_FILE, Trainer, write_config
+    from ..engine.rundir import prepare_run_folder
+    from ..engine.runtime import Runtime
 
     out = run_dir(settings, spec)
     cfg = resolve(train_config(settings, spec), 1, str(out))
@@ -309,7 +309,7 @@ def prepare_output(settings: AblationSettings) -> None:
 def run_ablation(settings: AblationSettings, shard: Tuple[int, int] = (0, 1), log: Log = _stderr,
                  device: Optional[torch.device] = None) -> List[Dict[str, Any]]:
     """Train and measure this shard's unfinished runs, then rewrite the table. Returns all results."""
-    from ..train.runtime import resolve_device
+    from ..engine.runtime import resolve_device
 
     check_topks(settings)
     runs = plan_runs(settings.mixers, settings.topks, settings.seeds)

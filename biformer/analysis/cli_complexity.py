@@ -7,7 +7,10 @@ import sys
 import textwrap
 from typing import Any, Dict, List, Optional
 
-from .complexity import WHY_SEVEN, ComplexityReport, LayerFlops, complexity_report, plot_curve, time_region_counts
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # .complexity imports torch: only when the command runs, so --help is instant
+    from .complexity import ComplexityReport, LayerFlops
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,12 +59,16 @@ def format_report(report: ComplexityReport, timings: Optional[List[Dict[str, flo
             name = "window" if t["S"] == 0 else str(int(t["S"]))
             lines.append(f"{name:>6} {int(t['region_tokens']):>14} {t['ms']:>9.2f} {t['ratio']:>9.2f}x "
                          f"{t['gflops_per_s']:>8.2f}")
+    from .complexity import WHY_SEVEN
+
     lines += [""] + textwrap.wrap(WHY_SEVEN, width=100)
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     height, width = args.size
+    from .complexity import complexity_report, plot_curve, time_region_counts
+
     report = complexity_report(height, width, args.channels, args.topk, models_S=args.n_win, window=args.window)
     timings = None
     if args.time:

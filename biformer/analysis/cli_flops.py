@@ -5,7 +5,10 @@ import argparse
 import json
 
 from ..errors import UserValueError
-from .flops import FlopReport, count_flops
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the counting imports torch: only when the command runs, so --help is instant
+    from .flops import FlopReport
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.num_classes <= 100_000:
         raise UserValueError(f"got --num-classes {args.num_classes}, expected 0..100000")
     model = timm.create_model(args.model, num_classes=args.num_classes)
+    from .flops import count_flops
+
     report = count_flops(model, tuple(args.size), model_name=args.model)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..errors import UserValueError
+from .._extras import require
 
 __all__ = [
     "LayerFlops",
@@ -197,6 +198,7 @@ def plot_curve(report: ComplexityReport, path: str, timings: Optional[Sequence[D
     """A PNG of FLOPs against ``S``: the paper's smooth model and its parts, the cost with padding
     where ``S`` does not divide the map, the optimum, the models' ``S`` and both baselines."""
     import numpy as np
+    require("matplotlib", extra="analysis")  # one clear error when the extra is absent
     from matplotlib.figure import Figure
 
     g = 1e9

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from ..errors import UserValueError
 from ..layers import BiLevelRoutingAttention
+from .._extras import require
 
 __all__ = [
     "FlopReport",
@@ -51,6 +52,7 @@ _ELEMENT_SIZE = {"Float": 4, "Half": 2, "BFloat16": 2, "Double": 8, "Long": 8, "
 def _fvcore() -> Any:
     """Import fvcore.nn, hiding the FutureWarning its focal-loss module raises on import
     (it calls the deprecated ``torch.jit.script``); tracing itself is unaffected."""
+    require("fvcore", extra="analysis")  # one clear error when the extra is absent
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
         import fvcore.nn as fvnn

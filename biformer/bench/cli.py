@@ -1,10 +1,10 @@
 """``biformer bench``: BRA backends and whole models against the original algorithm, Swin-T and ConvNeXt-T.
 
-Prints tables and the issue-3 targets to stdout (progress goes to stderr). Every finished
+Prints tables and the speed and memory targets to stdout (progress goes to stderr). Every finished
 measurement is appended at once to ``bench.csv`` and ``bench.jsonl`` in ``--output`` (timm
 ``benchmark.py``-style rows, see :mod:`.rows`), so an interrupted run keeps what it measured;
-``bench.json`` and ``bench.png`` are written at the end. ``--table issue9`` measures the table of
-issue 9 instead and prints it as markdown (``table.md``).
+``bench.json`` and ``bench.png`` are written at the end. ``--table targets`` measures the table of
+the speed targets instead and prints it as markdown (``table.md``).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Report of ``biformer bench``: text tables, the targets of issue 3, JSON and a PNG chart."""
+"""Report of ``biformer bench``: text tables, the speed and memory targets, JSON and a PNG chart."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .suites import FULL_ATTENTION, ORIGINAL, OURS, geometric_mean, infer_mode, original_name, train_mode
+from .._extras import require
 
 __all__ = ["Target", "compute_targets", "format_report", "write_json", "write_chart"]
 
@@ -56,7 +57,7 @@ def _layer_entry(results: Dict[str, Any], case: str) -> Optional[Dict[str, Any]]
 
 
 def compute_targets(results: Dict[str, Any]) -> List[Target]:
-    """The measures issue 3 sets targets for, from a results dict (``None`` where a part did not run)."""
+    """The measures the targets are set for, from a results dict (``None`` where a part did not run)."""
     config = results["config"]
     train = train_mode(config["train_batch"])
     infer = infer_mode(max(config["infer_batches"]))
@@ -237,7 +238,7 @@ def format_report(results: Dict[str, Any]) -> str:
                  f"{t['direction']} {_fmt(t['goal'], t['unit'])}",
                  {True: "pass", False: "MISS", None: "n/a"}[t["passed"]] + (f" ({t['note']})" if t["note"] else "")]
                 for t in targets]
-        out += ["Targets (issue 3); ratios from this run",
+        out += ["Targets; ratios from this run",
                 _table(["measure", "ours", "original (same run)", "target", "pass/miss"], rows), ""]
     return "\n".join(out)
 
@@ -266,6 +267,7 @@ def write_json(results: Dict[str, Any], path: str) -> None:
 
 def write_chart(results: Dict[str, Any], path: str) -> None:
     """A PNG with one panel per measured quantity; missing parts leave a labelled empty panel."""
+    require("matplotlib", extra="bench")  # one clear error when the extra is absent
     import matplotlib
 
     matplotlib.use("Agg", force=False)

@@ -1,4 +1,4 @@
-"""``biformer bench --table issue9``: the measures of issue 9, in one run, as a markdown table.
+"""``biformer bench --table targets``: the speed and memory targets, in one run, as a markdown table.
 
 Every ratio's two sides are measured in the same interleaved group (medians of the rounds, with the
 spread in the rows): eager BiFormer-S/T, Swin-T and the original algorithm; eager against compiled;
@@ -21,7 +21,7 @@ __all__ = ["TABLES", "run_table", "format_table"]
 
 SMALL, TINY, SWIN = "biformer_small", "biformer_tiny", "swin_tiny_patch4_window7_224"
 EAGER, COMPILED, BF16, ORT = Setting(), Setting(compile=True), Setting(amp="bf16"), Setting(runtime="onnx")
-TABLES = ("issue9",)
+TABLES = ("targets",)
 Log = Callable[[str], None]
 
 

@@ -5,9 +5,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
-import torch
+if TYPE_CHECKING:  # torch loads when the command runs, so --help is instant
+    import torch
 
 from ..errors import UserError
 
@@ -45,6 +46,8 @@ def find_images(inputs: List[str]) -> List[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..images import open_rgb
     from .engine import log
     from .data import eval_transform

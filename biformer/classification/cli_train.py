@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -102,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         output = cfg.output or broadcast_object(_default_output(cfg))
         cfg = resolve(cfg, runtime.world_size, output)
+        if runtime.device.type == "cpu":  # threads that leave room for workers and other processes
+            from ..engine.threads import configure_cpu_threads
+
+            configure_cpu_threads(cfg.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         resume = args.resume is not None
         # only rank 0 writes, so only rank 0 locks; the others learn the outcome from it
         lock = on_main_first(runtime, lambda: prepare_run_folder(

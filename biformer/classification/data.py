@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import UserError, UserValueError
 from .config import DIGITS
+from .._extras import require
 
 _logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class ImageSource:
 
 def digits_split(split: str) -> Tuple[np.ndarray, np.ndarray]:
     """The digits ``train`` or ``val`` split: uint8 images (N, 8, 8) in 0..255 and labels (N,)."""
+    require("sklearn", extra="train")  # one clear error when the extra is absent
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

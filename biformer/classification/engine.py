@@ -38,9 +38,10 @@ from ..errors import UserError, UserValueError
 from ..models.biformer import CheckpointMismatchError
 from . import data as data_lib
 from .config import TrainConfig, dump_yaml, resolved_drop_path, resolved_lr, to_dict
-from ..engine.logs import RunLog, plot_curves
+from ..engine.logs import RunLog, plot_curves, show_progress
 from ..engine.loop import TrainingDiverged, derived_seed, log
 from ..engine.runtime import Runtime, all_reduce_min, all_reduce_sum, autocast, barrier, resolve_amp
+from .._extras import require
 
 STATE_FORMAT = "biformer-train-state"
 STATE_VERSION = 1
@@ -90,6 +91,7 @@ def evaluate(model: nn.Module, loader: Any, num_classes: int, runtime: Runtime,
 
     Images whose logits are not finite are counted (``num_nonfinite``); with any of them, loss and
     accuracies are NaN, since a ranking of NaN logits means nothing."""
+    require("tqdm", extra="train")  # one clear error when the extra is absent
     from tqdm import tqdm
 
     model.eval()
@@ -97,7 +99,7 @@ def evaluate(model: nn.Module, loader: Any, num_classes: int, runtime: Runtime,
     k = min(5, num_classes)
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1 hits, top-k hits, skipped, non-finite
     per_class = torch.zeros(2, num_classes, dtype=torch.float64, device=device)  # hits, totals
-    bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and runtime.is_main), dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, leave=False, disable=not show_progress(progress, runtime.is_main), dynamic_ncols=True)
     for batch in bar:
         for name in batch.skipped:
             log(f"warning: skipped unreadable image {name}")
@@ -440,6 +442,7 @@ class Trainer:
                                f"{kept}; lower --lr or set --clip-grad")
 
     def train_epoch(self) -> None:
+        require("tqdm", extra="train")  # one clear error when the extra is absent
         from tqdm import tqdm
 
         cfg, runtime, device = self.cfg, self.runtime, self.runtime.device
@@ -450,7 +453,7 @@ class Trainer:
         slots = runtime.world_size * cfg.accum_steps
         batches = iter(self.train_loader)
         bar = tqdm(total=self.steps_per_epoch, initial=self.state.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and runtime.is_main), dynamic_ncols=True, leave=False)
+                   disable=not show_progress(cfg.progress, runtime.is_main), dynamic_ncols=True, leave=False)
         since_log = time.perf_counter()
         started = time.perf_counter()
         images_since_log = 0

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import UserFileNotFoundError, UserValueError
+from .._extras import require
 
 PathLike = Union[str, os.PathLike]
 
@@ -57,6 +58,7 @@ def _read_coco_json(ann_file: PathLike) -> Dict[str, Any]:
 
 
 def _quiet_coco(ann_file: PathLike) -> Any:
+    require("pycocotools", extra="dense")  # one clear error when the extra is absent
     from pycocotools.coco import COCO
 
     data = _read_coco_json(ann_file)

@@ -11,6 +11,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .data import CocoDetection
+from .._extras import require
 
 __all__ = ["to_coco_results", "evaluate_coco", "draw_detections", "COCO_METRICS"]
 
@@ -31,6 +32,7 @@ def to_coco_results(
         for b, c, s in zip(boxes, cats, scores)
     ]
     if "masks" in output:
+        require("pycocotools", extra="dense")  # one clear error when the extra is absent
         from pycocotools import mask as mask_utils
 
         binary = (output["masks"][:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)  # (N, H, W)
@@ -42,6 +44,7 @@ def to_coco_results(
 
 
 def _summarise(coco_gt: Any, results: List[Dict[str, Any]], iou_type: str) -> Tuple[Dict[str, float], str]:
+    require("pycocotools", extra="dense")  # one clear error when the extra is absent
     from pycocotools.cocoeval import COCOeval
 
     if not results:  # pycocotools cannot load an empty result list

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple, Union
 
 import numpy as np
+from .._extras import require
 
 PathLike = Union[str, os.PathLike]
 
@@ -27,6 +28,7 @@ def synthetic_scene(
     Returns the image and ``(class_index, mask)`` per visible object (class_index into
     :data:`SHAPE_CLASSES`, mask ``(H, W)`` bool); later shapes occlude earlier ones.
     """
+    require("skimage", extra="dense")  # one clear error when the extra is absent
     from skimage.draw import disk, polygon
 
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -74,6 +76,7 @@ def write_coco_shapes(
     Image sides are drawn from ``size_range`` (odd sizes included). Returns the four paths.
     """
     from PIL import Image
+    require("pycocotools", extra="dense")  # one clear error when the extra is absent
     from pycocotools import mask as mask_utils
 
     root = Path(root)

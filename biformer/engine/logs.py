@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..checkpoint import atomic_write
+from .._extras import require
 
 STEP_FIELDS = ("update", "epoch", "step", "loss", "lr", "img_per_s")
 
@@ -61,7 +62,7 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                print("note: tensorboard is not installed; skipping TensorBoard logs", file=sys.stderr)
+                print("note: tensorboard is not installed (pip install \"biformer[train]\"); skipping TensorBoard logs", file=sys.stderr)
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -103,6 +104,7 @@ def _int(value: Optional[str]) -> Optional[int]:
 
 def plot_curves(history: List[Dict[str, Any]], path: Path, metrics: Optional[Sequence[str]] = None) -> None:
     """Losses and ``metrics`` per epoch, as a PNG (default: classification's accuracies)."""
+    require("matplotlib", extra="train")  # one clear error when the extra is absent
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,3 +130,9 @@ def plot_curves(history: List[Dict[str, Any]], path: Path, metrics: Optional[Seq
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
+
+
+def show_progress(progress: bool, is_main: bool = True) -> bool:
+    """Progress bars only on the main process and on a terminal: redirected to a file, a bar's
+    carriage-return updates would flood the log; the one line per epoch is the record there."""
+    return progress and is_main and sys.stderr.isatty()

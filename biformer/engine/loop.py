@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from ..checkpoint import DiskFullError, atomic_write, describe_load_error, is_disk_full
 from ..errors import UserError, UserValueError
-from .logs import RunLog, plot_curves
+from .logs import RunLog, plot_curves, show_progress
 from .optim import LRSchedule, build_optimizer
 from .runtime import Runtime, all_reduce_min, all_reduce_sum, autocast, barrier, resolve_amp
 
@@ -49,6 +49,9 @@ class TrainingDiverged(UserError, FloatingPointError):
 def log(message: str, runtime: Optional[Runtime] = None) -> None:
     """Print on the main process, without breaking progress bars."""
     if runtime is None or runtime.is_main:
+        from .._extras import require
+
+        require("tqdm", extra="train")  # one clear error when the extra is absent
         from tqdm import tqdm
 
         tqdm.write(message, file=sys.stderr)
@@ -330,7 +333,7 @@ class Engine:
         slots = runtime.world_size * cfg.accum_steps
         batches = self._loader(epoch)
         bar = tqdm(total=self.steps_per_epoch, initial=self.state.step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and runtime.is_main), dynamic_ncols=True, leave=False)
+                   disable=not show_progress(cfg.progress, runtime.is_main), dynamic_ncols=True, leave=False)
         since_log = started = time.perf_counter()
         images_since_log = 0
         first_bad, bad_loss = math.inf, math.nan

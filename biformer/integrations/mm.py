@@ -9,7 +9,7 @@ config, import this module and name the backbone::
                                pretrained="biformer_small.safetensors"))
 
 Both mmdet/mmseg 3.x/1.x (``mmdet.registry.MODELS``) and 2.x/0.x (``mmdet.models.builder.BACKBONES``)
-registries are tried. See ``configs/detection`` and ``configs/segmentation`` for the paper's setups.
+registries are tried. See ``configs/mmdet`` and ``configs/mmseg`` for the paper's setups.
 """
 from __future__ import annotations
 

@@ -12,19 +12,26 @@ Python API (for notebooks)::
 
 Command line: ``biformer visualize astronaut --output out.png``.
 """
-from .capture import CapturedLayer, RoutingCapture, routed_layers
-from .figures import (
-    UNTRAINED_NOTE,
-    QueryView,
-    QueryVisualization,
-    RoutingFrequency,
-    UntrainedModelWarning,
-    default_queries,
-    routing_statistics,
-    visualize_queries,
-    visualize_routing_frequency,
-)
-from .images import BUNDLED_IMAGES, load_image, model_input
+import importlib
+from typing import Any
+
+# Loaded on first use: the submodules import torch, and ``biformer visualize --help`` must not.
+_WHERE = {
+    "CapturedLayer": "capture", "RoutingCapture": "capture", "routed_layers": "capture",
+    "UNTRAINED_NOTE": "figures", "QueryView": "figures", "QueryVisualization": "figures",
+    "RoutingFrequency": "figures", "UntrainedModelWarning": "figures", "default_queries": "figures",
+    "routing_statistics": "figures", "visualize_queries": "figures", "visualize_routing_frequency": "figures",
+    "BUNDLED_IMAGES": "images", "load_image": "images", "model_input": "images",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BUNDLED_IMAGES",

@@ -16,7 +16,9 @@ import warnings
 from typing import Any, Dict, List, Tuple
 
 from ..errors import UserValueError
-from .images import BUNDLED_IMAGES
+# the names only (= .images.BUNDLED_IMAGES, a test checks): .images imports torch, and --help must not
+BUNDLED_IMAGES = ("astronaut", "coffee", "chelsea")
+from .._extras import require
 
 
 def _point(text: str) -> Tuple[float, float]:
@@ -83,6 +85,7 @@ def _summary(result: Any) -> List[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    require("matplotlib", extra="viz")  # one clear error when the extra is absent
     import matplotlib
 
     matplotlib.use("Agg")

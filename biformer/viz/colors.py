@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from typing import List, Tuple
+from .._extras import require
 
 __all__ = ["class_colors", "label_font_path"]
 
@@ -19,6 +20,7 @@ def class_colors(num: int) -> List[Tuple[int, int, int]]:
 
 def label_font_path() -> str:
     """A TrueType font that is always present (matplotlib ships DejaVu Sans)."""
+    require("matplotlib", extra="viz")  # one clear error when the extra is absent
     from matplotlib import font_manager
 
     return font_manager.findfont("DejaVu Sans")

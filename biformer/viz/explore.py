@@ -34,6 +34,7 @@ from ..errors import UserError
 from .capture import CapturedLayer
 from .figures import UNTRAINED_NOTE, _forward, _frequency, _prepare
 from .images import BUNDLED_IMAGES, ImageLike, load_image
+from .._extras import require
 
 __all__ = ["ExplorerImage", "build_explorer_data", "layer_data", "write_explorer"]
 
@@ -45,6 +46,7 @@ def _b64(array: np.ndarray) -> str:
 
 
 def _hex_colours(cmap: str, values: Sequence[float]) -> List[str]:
+    require("matplotlib", extra="viz")  # one clear error when the extra is absent
     from matplotlib import colormaps
 
     rgba = colormaps[cmap](np.asarray(values, dtype=float))

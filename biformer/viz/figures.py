@@ -25,6 +25,7 @@ from ..errors import UserValueError
 from ..ops import RegionGrid
 from .capture import CapturedLayer, RoutingCapture, routed_layers, stage_and_block
 from .images import ImageLike, input_size, load_image, model_input, to_input_coords
+from .._extras import require
 
 __all__ = [
     "QueryView",
@@ -163,6 +164,7 @@ def _warn_untrained(untrained: bool) -> None:
 
 def _new_figure(cols: int, rows: int, aspect: float, panel: float = 3.4) -> Any:
     """A figure of ``rows x cols`` panels ``panel`` inches wide and ``aspect`` (height / width) as tall."""
+    require("matplotlib", extra="viz")  # one clear error when the extra is absent
     from matplotlib.figure import Figure
 
     return Figure(figsize=(panel * cols + 0.6, panel * aspect * rows + 1.0), dpi=110)
@@ -248,6 +250,7 @@ def _check_head(head: HeadChoice, heads: int) -> HeadChoice:
 
 def _draw_routing(ax: Any, image: np.ndarray, grid: RegionGrid, view: QueryView, scale: Tuple[float, float],
                   point_in: Tuple[float, float]) -> None:
+    require("matplotlib", extra="viz")  # one clear error when the extra is absent
     from matplotlib import colormaps
     from matplotlib.patches import Rectangle
 
@@ -387,6 +390,7 @@ def visualize_routing_frequency(
 ) -> RoutingFrequency:
     """How often each region is routed to, over all query regions, at block ``block`` of every routed
     stage; statistics (:func:`routing_statistics`) are averaged over all blocks of each stage."""
+    require("matplotlib", extra="viz")  # one clear error when the extra is absent
     from matplotlib import colormaps
 
     _warn_untrained(untrained)

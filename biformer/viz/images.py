@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserValueError
+from .._extras import require
 
 __all__ = ["BUNDLED_IMAGES", "load_image", "model_input", "to_input_coords"]
 
@@ -24,6 +25,7 @@ def load_image(image: ImageLike) -> np.ndarray:
     if isinstance(image, np.ndarray):
         array = image
     elif str(image) in BUNDLED_IMAGES:
+        require("skimage", extra="viz")  # one clear error when the extra is absent
         from skimage import data
 
         array = getattr(data, str(image))()

@@ -1,6 +1,6 @@
 # Mask R-CNN + BiFormer-S, COCO 1x (paper: 47.8 box AP / 43.2 mask AP), for mmdetection 3.x.
 # Needs `pip install mmdet` (and mmcv); `biformer.integrations.mm` registers the backbone. Train with
-#   python tools/train.py configs/detection/mask_rcnn_biformer_small_fpn_1x_coco.py  (8 GPUs x 2 images)
+#   python tools/train.py configs/mmdet/mask_rcnn_biformer_small_fpn_1x_coco.py  (8 GPUs x 2 images)
 # Without mmdetection, the same recipe is `biformer detect train --model mask_rcnn` (torchvision).
 _base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
 
