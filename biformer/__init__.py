@@ -10,9 +10,9 @@ from typing import Any as _Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "BiLevelRoutingAttention": "layers", "GlobalAttentionLCE": "layers",
+    "BiLevelRoutingAttention": "layers", "BiLevelRoutingAttention3d": "layers", "GlobalAttentionLCE": "layers",
     "BiFormer": "models", "CheckpointMismatchError": "models", "checkpoint_filter_fn": "models",
-    "RegionGrid": "ops", "Routing": "ops", "bi_level_routing_attention": "ops",
+    "RegionGrid": "ops", "Routing": "ops", "bi_level_routing_attention": "ops", "bi_level_routing_attention_3d": "ops",
 }
 
 
@@ -36,9 +36,9 @@ if _started_as_cli():
             return value
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 else:
-    from .layers import BiLevelRoutingAttention, GlobalAttentionLCE
+    from .layers import BiLevelRoutingAttention, BiLevelRoutingAttention3d, GlobalAttentionLCE
     from .models import BiFormer, CheckpointMismatchError, checkpoint_filter_fn
-    from .ops import RegionGrid, Routing, bi_level_routing_attention
+    from .ops import RegionGrid, Routing, bi_level_routing_attention, bi_level_routing_attention_3d
 
 
 def save_pretrained(model, directory, **kwargs):  # type: ignore[no-untyped-def]
@@ -51,11 +51,13 @@ def save_pretrained(model, directory, **kwargs):  # type: ignore[no-untyped-def]
 __all__ = [
     "BiFormer",
     "BiLevelRoutingAttention",
+    "BiLevelRoutingAttention3d",
     "CheckpointMismatchError",
     "GlobalAttentionLCE",
     "RegionGrid",
     "Routing",
     "bi_level_routing_attention",
+    "bi_level_routing_attention_3d",
     "checkpoint_filter_fn",
     "save_pretrained",
 ]

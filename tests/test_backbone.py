@@ -202,7 +202,7 @@ def test_mm_configs_name_our_backbone_with_matching_widths(path):
     assert backbone["type"] == REGISTRY_NAME
     assert cfg["custom_imports"]["imports"] == ["biformer.integrations.mm"]
     dims = list(MODEL_ARGS[backbone["model_name"]]["embed_dims"])
-    assert backbone["n_win"] == (16 if path.parent.name == "detection" else 8)
+    assert backbone["n_win"] == (16 if path.parent.name == "mmdet" else 8)
     model = cfg["model"]
     if "neck" in model and path.name.startswith(("mask_rcnn", "retinanet", "fpn")):
         assert model["neck"]["in_channels"] == dims

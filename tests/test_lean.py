@@ -49,7 +49,7 @@ print("core ok")
 
 
 @pytest.mark.parametrize("argv, blocked, extra", [
-    (["visualize", "--image", "astronaut", "--output", "OUT/r.png"], ["matplotlib"], "viz"),
+    (["visualize", "astronaut", "--output", "OUT/r.png"], ["matplotlib"], "viz"),
     (["flops", "biformer_tiny"], ["fvcore"], "analysis"),
 ])
 def test_a_missing_extra_is_named_in_one_line(tmp_path: Path, argv: List[str], blocked: List[str], extra: str) -> None:

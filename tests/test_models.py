@@ -152,6 +152,7 @@ def test_drop_path_and_train_mode_run() -> None:
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
 
 
+@pytest.mark.slow  # ~80 s on 2 cores; tests/test_compile.py covers batch sizes 2, 3, 5 by default
 def test_compile_fullgraph_without_recompiling() -> None:
     graphs = []
 
