@@ -5,7 +5,7 @@ Both only project and call a functional op; the routing and attention live in :m
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -86,6 +86,38 @@ def _depthwise(dim: int, kernel_size: int) -> Optional[nn.Conv2d]:
         return None
     return nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 
+def _check_routed_layer(
+    dim: int, num_heads: int, qk_dim: Optional[int], topk: int, side_dwconv: int, n_win: Optional[object],
+    region_size: Optional[object], qk_scale: Optional[float], default_n_win: object,
+    check_grid: Callable[[str, object], Tuple[int, ...]], hint: Callable[[int], str] = lambda topk: "",
+) -> Tuple[int, Optional[object]]:
+    """The argument checks the 2D and 3D BRA layers share; returns ``(qk_dim, n_win)`` resolved."""
+    _check_positive_int("dim", dim)
+    _check_positive_int("num_heads", num_heads)
+    if qk_dim is not None:
+        _check_positive_int("qk_dim", qk_dim)
+    qk_dim = dim if qk_dim is None else qk_dim
+    if qk_dim % num_heads or dim % num_heads:
+        raise UserValueError(f"got num_heads={num_heads}, which must divide dim={dim} and qk_dim={qk_dim}")
+    _check_positive_int("topk", topk)
+    _check_side_dwconv(side_dwconv)
+    if n_win is not None and region_size is not None:
+        raise UserValueError(f"got n_win={n_win!r} and region_size={region_size!r}; give at most one of them")
+    if region_size is not None:
+        check_grid("region_size", region_size)
+    else:
+        n_win = default_n_win if n_win is None else n_win
+        regions = math.prod(check_grid("n_win", n_win))
+        if topk > regions:
+            raise UserValueError(
+                f"got topk={topk} but the map has only {regions} regions (n_win={n_win!r}); "
+                f"expected 1 <= topk <= {regions}{hint(topk)}"
+            )
+    if qk_scale is not None and not (isinstance(qk_scale, (int, float)) and math.isfinite(qk_scale) and qk_scale > 0):
+        raise UserValueError(f"got qk_scale={qk_scale!r}, expected a finite number > 0 (or None for qk_dim ** -0.5)")
+    return qk_dim, n_win
+
+
 
 class BiLevelRoutingAttention(nn.Module):
     """Bi-Level Routing Attention (BiFormer, CVPR 2023) as a drop-in layer.
@@ -128,29 +160,10 @@ class BiLevelRoutingAttention(nn.Module):
     ) -> None:
         super().__init__()
         _check_layout(layout)
-        _check_positive_int("dim", dim)
-        _check_positive_int("num_heads", num_heads)
-        if qk_dim is not None:
-            _check_positive_int("qk_dim", qk_dim)
-        qk_dim = dim if qk_dim is None else qk_dim
-        if qk_dim % num_heads or dim % num_heads:
-            raise UserValueError(f"got num_heads={num_heads}, which must divide dim={dim} and qk_dim={qk_dim}")
-        _check_positive_int("topk", topk)
-        _check_side_dwconv(side_dwconv)
-        if n_win is not None and region_size is not None:
-            raise UserValueError(f"got n_win={n_win!r} and region_size={region_size!r}; give at most one of them")
-        if region_size is not None:
-            _check_grid_pair("region_size", region_size)
-        else:
-            n_win = DEFAULT_N_WIN if n_win is None else n_win
-            rows, cols = _check_grid_pair("n_win", n_win)
-            if topk > rows * cols:
-                raise UserValueError(
-                    f"got topk={topk} but the map has only {rows * cols} regions (n_win={n_win!r}); "
-                    f"expected 1 <= topk <= {rows * cols}, or n_win >= {math.ceil(math.sqrt(topk))} for topk={topk}"
-                )
-        if qk_scale is not None and not (isinstance(qk_scale, (int, float)) and math.isfinite(qk_scale) and qk_scale > 0):
-            raise UserValueError(f"got qk_scale={qk_scale!r}, expected a finite number > 0 (or None for qk_dim ** -0.5)")
+        qk_dim, n_win = _check_routed_layer(
+            dim, num_heads, qk_dim, topk, side_dwconv, n_win, region_size, qk_scale, DEFAULT_N_WIN, _check_grid_pair,
+            hint=lambda topk: f", or n_win >= {math.ceil(math.sqrt(topk))} for topk={topk}",
+        )
         self.dim = dim
         self.qk_dim = qk_dim
         self.num_heads = num_heads
@@ -244,29 +257,10 @@ class BiLevelRoutingAttention3d(nn.Module):
         super().__init__()
         if layout not in _LAYOUTS_3D:
             raise UserValueError(f"got layout={layout!r}, expected one of {_LAYOUTS_3D}")
-        _check_positive_int("dim", dim)
-        _check_positive_int("num_heads", num_heads)
-        if qk_dim is not None:
-            _check_positive_int("qk_dim", qk_dim)
-        qk_dim = dim if qk_dim is None else qk_dim
-        if qk_dim % num_heads or dim % num_heads:
-            raise UserValueError(f"got num_heads={num_heads}, which must divide dim={dim} and qk_dim={qk_dim}")
-        _check_positive_int("topk", topk)
-        _check_side_dwconv(side_dwconv)
-        if n_win is not None and region_size is not None:
-            raise UserValueError(f"got n_win={n_win!r} and region_size={region_size!r}; give at most one of them")
-        if region_size is not None:
-            _check_grid_triple("region_size", region_size)
-        else:
-            n_win = DEFAULT_N_WIN_3D if n_win is None else n_win
-            regions = math.prod(_check_grid_triple("n_win", n_win))
-            if topk > regions:
-                raise UserValueError(
-                    f"got topk={topk} but the map has only {regions} regions (n_win={n_win!r}); "
-                    f"expected 1 <= topk <= {regions}"
-                )
-        if qk_scale is not None and not (isinstance(qk_scale, (int, float)) and math.isfinite(qk_scale) and qk_scale > 0):
-            raise UserValueError(f"got qk_scale={qk_scale!r}, expected a finite number > 0 (or None for qk_dim ** -0.5)")
+        qk_dim, n_win = _check_routed_layer(
+            dim, num_heads, qk_dim, topk, side_dwconv, n_win, region_size, qk_scale, DEFAULT_N_WIN_3D,
+            _check_grid_triple,
+        )
         self.dim = dim
         self.qk_dim = qk_dim
         self.num_heads = num_heads
