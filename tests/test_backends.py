@@ -8,7 +8,7 @@ import biformer.ops.backends as backends
 from biformer.ops import BackendUnavailable, available_backends, bi_level_routing_attention, select_backend
 from biformer.ops.backends.flex import flex_attention
 from biformer.ops.regions import resolve_grid, route
-from biformer.ops.routing_rule import dense_token_mask, evaluate_mask_mod, region_major_mask_mod
+from biformer.ops.routing_rule import dense_token_bias, dense_token_mask, evaluate_mask_mod, region_major_mask_mod
 
 
 def _maps(n, h, w, c, seed=0, requires_grad=False):
@@ -34,6 +34,10 @@ def test_dense_and_region_major_masks_are_the_same_rule(hw, n_win, topk) -> None
     routing = route(q, k, grid, topk, 8 ** -0.5)
     dense = dense_token_mask(routing)[:, 0]  # (N, HW, HW)
     assert torch.equal(dense, _naive_allowed(routing))
+    # the backend's additive form: 0 exactly where allowed, -inf elsewhere
+    bias = dense_token_bias(routing, torch.bfloat16)[:, 0]
+    assert bias.dtype == torch.bfloat16
+    assert torch.equal(bias == 0, dense) and torch.equal(bias == float("-inf"), ~dense)
     # the region-major evaluation, restricted to real tokens and put in image order, is the same mask
     length = grid.num_regions * grid.region_tokens
     region_major = evaluate_mask_mod(region_major_mask_mod(routing), 2, length, length, torch.device("cpu"))[:, 0]

@@ -94,6 +94,42 @@ def test_item05_nonfinite_propagation(backend: str, grid: str, tensor: str, valu
     torch.testing.assert_close(out[finite], expected[finite], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend, grid", [  # two compiles by default; the other pair is slow
+    ("sdpa", "padded"), ("dense", "unpadded"),
+    pytest.param("sdpa", "unpadded", marks=pytest.mark.slow), pytest.param("dense", "padded", marks=pytest.mark.slow)])
+def test_item05_nonfinite_propagation_compiled(backend: str, grid: str) -> None:
+    """Compiled on the CPU, the term is behind a graph-level branch (torch.cond): one graph must give
+    finite outputs equal to eager for finite inputs, and reference's NaN/inf for every bad input."""
+    from biformer.ops import bi_level_routing_attention
+
+    height, width, n_win = _NONFINITE_GRIDS[grid]
+    kwargs = dict(num_heads=2, topk=2, n_win=n_win)
+
+    def op(q, k, v):
+        return bi_level_routing_attention(q, k, v, backend=backend, **kwargs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(op, fullgraph=True, dynamic=False)
+    gen = torch.Generator().manual_seed(1)
+    base = [torch.randn(2, height, width, 8, generator=gen) for _ in range(3)]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*base), op(*base), rtol=1e-4, atol=1e-5)
+        for tensor in "qkv":
+            for value in ("nan", "inf", "-inf"):
+                if backend == "dense" and tensor == "k" and value != "nan":
+                    continue  # the documented superset, checked in eager above
+                q, k, v = (t.clone() for t in base)
+                bad = dict(q=q, k=k, v=v)[tensor]
+                bad[0, 1, 2, 1] = float(value)
+                bad[1, height // 2, 0, :] = float(value)
+                expected = bi_level_routing_attention(q, k, v, backend="reference", **kwargs)
+                out = compiled(q, k, v)
+                assert torch.equal(out.isnan(), expected.isnan()), (tensor, value)
+                assert torch.equal(out.isinf(), expected.isinf()), (tensor, value)
+                finite = out.isfinite() & expected.isfinite()
+                torch.testing.assert_close(out[finite], expected[finite], rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # item 6: 16-bit images are scaled, not clipped, wherever an image is read
 

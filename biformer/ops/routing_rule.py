@@ -5,7 +5,8 @@ region routes to, and ``j`` is a real (unpadded) token. :func:`routing_mask_mod`
 as a FlexAttention ``mask_mod``; every mask in :mod:`biformer.ops` is derived from it:
 
 * the dense backend's ``(N, 1, HW, HW)`` token mask (:func:`dense_token_mask`): the rule evaluated
-  over row-major image tokens;
+  over row-major image tokens, and the same as an additive bias gathered from the region table
+  (:func:`dense_token_bias`, what the backend runs);
 * the flex backend's ``BlockMask`` (:func:`biformer.ops.backends.flex.routing_block_mask`): the rule
   over region-major tokens, whose block indices are the routed regions.
 """
@@ -84,3 +85,16 @@ def dense_token_mask(routing: Routing) -> Tensor:
     tokens = routing.grid.tokens
     n = routing.indices.shape[0]
     return evaluate_mask_mod(image_order_mask_mod(routing), n, tokens, tokens, routing.indices.device)
+
+
+def dense_token_bias(routing: Routing, dtype: torch.dtype) -> Tensor:
+    """``(N, 1, tokens, tokens)``: 0 where :func:`dense_token_mask` allows, -inf elsewhere.
+
+    The rule written as two row/column gathers of the ``(N, P, P)`` region table rather than an
+    elementwise 3-index lookup: in ONNX Runtime that is two ``Gather`` ops instead of a ``GatherND``,
+    and an additive mask needs no ``Where`` on the ``(N, heads, HW, HW)`` scores.
+    """
+    region = token_region(routing.grid, routing.indices.device)  # (tokens,)
+    allowed = region_table(routing)  # (N, P, P)
+    table = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+    return table.index_select(1, region).index_select(2, region).unsqueeze(1)

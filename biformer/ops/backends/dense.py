@@ -10,9 +10,9 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..nonfinite import may_be_nonfinite, nonfinite_term, sanitise
+from ..nonfinite import nonfinite_guard, sanitise
 from ..regions import RegionGrid, Routing
-from ..routing_rule import dense_token_mask
+from ..routing_rule import dense_token_bias
 
 NAME = "dense"
 
@@ -20,15 +20,14 @@ NAME = "dense"
 def dense_backend(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: int, scale: float) -> Tensor:
     n, tokens, h = q.shape[0], routing.grid.tokens, num_heads
     # the mask is added to every logit of the map, so no non-finite key or value may reach the kernel
-    term = None
-    if may_be_nonfinite(q, k, v):
-        term = nonfinite_term(q, k, v, routing, num_heads, keep_inf_keys=False)
+    term = nonfinite_guard(q, k, v, routing, num_heads, keep_inf_keys=False)
+    if term is not None:  # traced graphs always sanitise: elementwise, cheaper than branching the kernel
         q, k, v = sanitise(q), sanitise(k), sanitise(v)
 
     def heads(x: Tensor) -> Tensor:  # (N, *size, C) -> (N, h, tokens, C/h), a view
         return x.reshape(n, tokens, h, x.shape[-1] // h).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=dense_token_mask(routing), scale=scale)
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=dense_token_bias(routing, q.dtype), scale=scale)
     out = out.transpose(1, 2).reshape(*v.shape)  # (N, h, tokens, dv) -> (N, *size, C_v)
     return out if term is None else out + term
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import BackendUnavailable
-from ..nonfinite import may_be_nonfinite, nonfinite_term
+from ..nonfinite import nonfinite_guard
 from ..regions import RegionGrid, Routing, from_regions, to_regions
 from ..routing_rule import region_major_mask_mod
 
@@ -127,7 +127,7 @@ def flex_backend(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: i
     if reason is not None:
         raise BackendUnavailable(reason)
     # compiled flex returns finite numbers for a NaN query: the term puts reference's NaN/inf back
-    term = nonfinite_term(q, k, v, routing, num_heads, keep_inf_keys=True) if may_be_nonfinite(q, k, v) else None
+    term = nonfinite_guard(q, k, v, routing, num_heads, keep_inf_keys=True)
     block_mask = routing_block_mask(routing)
     try:
         out = _compiled_flex()(region_major(q), region_major(k), region_major(v), block_mask=block_mask, scale=scale)

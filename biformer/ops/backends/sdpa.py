@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..compiled import routed_sdpa_op, use_compiled_ops
 from ..gather import query_regions, regions_to_map, routed_key_valid, routed_rows
-from ..nonfinite import may_be_nonfinite, nonfinite_term
+from ..nonfinite import nonfinite_guard
 from ..regions import RegionGrid, Routing
 
 NAME = "sdpa"
@@ -25,7 +25,7 @@ def sdpa_backend(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: i
     """
     grid = routing.grid
     # what the kernel may hide of reference's NaN/inf (see biformer.ops.nonfinite)
-    term = nonfinite_term(q, k, v, routing, num_heads, keep_inf_keys=True) if may_be_nonfinite(q, k, v) else None
+    term = nonfinite_guard(q, k, v, routing, num_heads, keep_inf_keys=True)
     zero_row = term is not None and grid.is_padded  # padded slots must read zeros, not a neighbour's NaN
     if use_compiled_ops(q) and not zero_row and grid.ndim == 2:  # the custom op is 2D only
         out = routed_sdpa_op(q, k, v, routing, num_heads, scale)
