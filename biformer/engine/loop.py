@@ -327,7 +327,8 @@ class Engine:
             if self.ema is not None and state["ema"] is not None:
                 self.ema.module.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
-            self.schedule.load_state_dict(state["scheduler"])
+            if state.get("scheduler") is not None:  # none in a dense run's state of version 1 (stateless)
+                self.schedule.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
             self.state = TrainState(epoch=state["epoch"], step=state["step"], best=state["best"],
                                     best_epoch=state["best_epoch"], history=list(state["history"]),
