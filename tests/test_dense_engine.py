@@ -9,7 +9,6 @@ import errno
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Dict, List
 
@@ -20,6 +19,8 @@ from safetensors.torch import load_file
 
 from biformer.cli import main as cli_main
 from biformer.engine import loop
+
+from .test_train import KILL_AFTER_SAVE  # the same engine, so the same kill
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BACKBONE = '{"depths": [1, 1, 1, 1], "embed_dims": [16, 32, 64, 128], "head_dim": 16}'
@@ -117,26 +118,6 @@ def test_two_processes_match_one_process_with_the_same_global_batch(task_data: t
     import json
 
     assert json.loads(stdout)[primary] == pytest.approx(float(final[f"val_{primary}"]), abs=1e-4)
-
-
-KILL_AFTER_SAVE = textwrap.dedent("""
-    import os, signal, sys
-    from biformer.engine import loop
-    from biformer.cli import main
-
-    kill_at = int(sys.argv[1])
-    original = loop.Engine.save_state
-    saves = []
-
-    def save_then_die(self):
-        original(self)
-        saves.append(self.update_index)
-        if len(saves) == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, as a crash or a pre-empted job
-
-    loop.Engine.save_state = save_then_die
-    sys.exit(main(sys.argv[2:]))
-""")
 
 
 def test_resume_after_kill_mid_epoch_gives_the_same_run(task_data: tuple, tmp_path: Path,

@@ -28,7 +28,8 @@ import biformer  # noqa: F401  (registers the models)
 from biformer.checkpoint import CheckpointError, load_model, save_model
 from biformer.cli import main as cli_main
 from biformer.errors import UserValueError
-from biformer.classification import engine
+from biformer.classification import training
+from biformer.engine import loop
 
 from .test_train import CLASSES, REPO, TINY_MODEL, make_folder, read_rows, run_cli, same_threads_env, tiny_args
 
@@ -89,20 +90,20 @@ def copy_run(run: Path, dst: Path) -> Path:
 HOLD_THE_FOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from biformer.classification import engine
+    from biformer.engine import loop
     from biformer.cli import main
 
     release = Path(sys.argv[1])
-    original = engine.Trainer.fit
+    original = loop.Engine.fit
 
     def fit_when_released(self):
-        # the folder is locked before the Trainer is built: hold it until the test lets go
+        # the folder is locked before the engine is built: hold it until the test lets go
         deadline = time.time() + 240
         while not release.exists() and time.time() < deadline:
             time.sleep(0.05)
         return original(self)
 
-    engine.Trainer.fit = fit_when_released
+    loop.Engine.fit = fit_when_released
     sys.exit(main(sys.argv[2:]))
 """)
 
@@ -112,7 +113,7 @@ HOLD_THE_FOLDER = textwrap.dedent("""
 TRAIN_WHEN_HELD = textwrap.dedent("""
     import json, runpy, sys, time
     from pathlib import Path
-    import biformer.cli, biformer.classification.engine  # noqa: F401  (the imports, before waiting)
+    import biformer.cli, biformer.classification.training  # noqa: F401  (the imports, before waiting)
 
     lock, holder = Path(sys.argv[1]), int(sys.argv[2])
     deadline = time.time() + 240
@@ -197,7 +198,7 @@ def test_item02_results_without_state_are_not_replaced(tmp_path: Path, capsys: p
 KILL_DURING_SAVE = textwrap.dedent("""
     import os, signal, sys
     import torch
-    from biformer.classification import engine
+    from biformer.engine import loop
     from biformer.cli import main
 
     kill_at = int(sys.argv[1])
@@ -206,7 +207,7 @@ KILL_DURING_SAVE = textwrap.dedent("""
 
     def save_half_then_die(obj, f, *args, **kwargs):
         original(obj, f, *args, **kwargs)
-        if isinstance(obj, dict) and obj.get("format") == engine.STATE_FORMAT:
+        if isinstance(obj, dict) and obj.get("format") == loop.STATE_FORMAT:
             saves.append(f)
             if len(saves) == kill_at:  # half of the temporary is on disk: as a kill mid-write
                 os.truncate(f, os.path.getsize(f) // 2)
@@ -294,15 +295,15 @@ def test_item04_disk_full_on_a_small_filesystem(tmp_path: Path, capsys: pytest.C
     small = tmp_path / "small"
     with small_filesystem(small, "16m"):
         out = small / "run"
-        original = engine.Trainer.save_state
+        original = loop.Engine.save_state
         filled: List[Path] = []
 
-        def save_then_fill(self: engine.Trainer) -> None:
+        def save_then_fill(self: loop.Engine) -> None:
             original(self)
             if not filled:
                 filled.append(_fill(small))
 
-        monkeypatch.setattr(engine.Trainer, "save_state", save_then_fill)
+        monkeypatch.setattr(loop.Engine, "save_state", save_then_fill)
         code, _, err = run_cli(tiny_args(data, out), capsys)
         monkeypatch.undo()
 
@@ -322,7 +323,7 @@ def test_item04_disk_full_injected(tmp_path: Path, capsys: pytest.CaptureFixture
     state_saves: List[str] = []
 
     def save_or_fail(obj: object, f: str, *args: object, **kwargs: object) -> None:
-        if isinstance(obj, dict) and obj.get("format") == engine.STATE_FORMAT:
+        if isinstance(obj, dict) and obj.get("format") == loop.STATE_FORMAT:
             state_saves.append(str(f))
             if len(state_saves) == 2:
                 Path(f).write_bytes(b"partial")
@@ -348,16 +349,16 @@ def test_item08_nan_logits_give_no_accuracy(tmp_path: Path, capsys: pytest.Captu
     assert code == 2 and "top-1" not in stdout
     assert_one_error_line(err, "eval", "6 of 6 images gave non-finite logits", str(ckpt))
 
-    original = engine.Trainer._evaluate
+    original = training.ClassificationTask.evaluate
 
-    def evaluate_nan(self: engine.Trainer, model: torch.nn.Module, desc: str) -> engine.EvalResult:
+    def evaluate_nan(self: training.ClassificationTask, model: torch.nn.Module, runtime: object) -> Dict[str, float]:
         hook = model.register_forward_hook(lambda module, args, output: output * math.nan)
         try:
-            return original(self, model, desc)
+            return original(self, model, runtime)
         finally:
             hook.remove()
 
-    monkeypatch.setattr(engine.Trainer, "_evaluate", evaluate_nan)
+    monkeypatch.setattr(training.ClassificationTask, "evaluate", evaluate_nan)
     out = tmp_path / "run"
     code, _, err = run_cli(tiny_args(data, out, "--epochs", "1"), capsys)
     assert code == 0, err

@@ -22,6 +22,7 @@ from biformer.cli import main as cli_main
 from biformer.classification import cli_train
 from biformer.classification.config import PRESETS, build_config, resolved_drop_path, resolved_lr
 from biformer.classification.data import TrainBatchSampler, digits_split, shard_indices
+from biformer.engine import loop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -256,11 +257,11 @@ def test_folder_train_eval_predict_with_corrupt_images(tmp_path: Path, capsys: p
 
 KILL_AFTER_SAVE = textwrap.dedent("""
     import os, signal, sys
-    from biformer.classification import engine
+    from biformer.engine import loop
     from biformer.cli import main
 
     kill_at = int(sys.argv[1])
-    original = engine.Trainer.save_state
+    original = loop.Engine.save_state
     saves = []
 
     def save_then_die(self):
@@ -269,7 +270,7 @@ KILL_AFTER_SAVE = textwrap.dedent("""
         if len(saves) == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, as a crash or a pre-empted job
 
-    engine.Trainer.save_state = save_then_die
+    loop.Engine.save_state = save_then_die
     sys.exit(main(sys.argv[2:]))
 """)
 
@@ -303,6 +304,9 @@ def test_resume_after_kill_gives_the_same_weights(
     assert proc.returncode == -9, proc.stderr[-2000:]
     state = torch.load(killed / "state.pt", weights_only=True)
     assert (state["epoch"], state["step"]) == position  # 0-based epoch in progress, updates done in it
+    # one loop for every task: the shared engine wrote it, with the EMA and timm's scheduler in it
+    assert (state["format"], state["task"]) == (loop.STATE_FORMAT, "classification")
+    assert state["ema"] is not None and state["scheduler"]["base_values"]
     assert not (killed / "curves.png").exists()
     code, _, err = run_cli(["train", "--resume", str(killed), "--num-workers", "0"], capsys)
     assert code == 0, err

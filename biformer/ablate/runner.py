@@ -234,9 +234,8 @@ def measure_speed(model: nn.Module, img_size: int, batch: int, steps: int, devic
 def train_and_measure(settings: AblationSettings, spec: RunSpec, device: torch.device, log: Log) -> Dict[str, Any]:
     """Train one run with the classification engine (resuming its own checkpoint when it has one),
     measure it, and write its ``result.json``."""
-    from ..classification.cli_train import resolve
-    from ..classification.engine import STATE_FILE, Trainer, write_config
-    from ..engine.rundir import prepare_run_folder
+    from ..classification.training import resolve, train_in
+    from ..engine.loop import STATE_FILE
     from ..engine.runtime import Runtime
 
     out = run_dir(settings, spec)
@@ -244,18 +243,13 @@ def train_and_measure(settings: AblationSettings, spec: RunSpec, device: torch.d
     resume = (out / STATE_FILE).is_file()
     runtime = Runtime(device=device)  # one process per run: shards split runs, not batches
     # the run folder is the ablation's own: a run killed before its first checkpoint starts again
-    lock = prepare_run_folder(out, resume, overwrite=not resume, note=log)
-    try:
-        trainer = Trainer(cfg, runtime, resume=resume)
-        write_config(cfg, runtime)
-        started = time.perf_counter()
-        state = trainer.fit()
-        train_seconds = time.perf_counter() - started
-    finally:
-        lock.release()
+    started = time.perf_counter()
+    engine = train_in(runtime, cfg, resume=resume, overwrite=not resume, note=log)
+    train_seconds = time.perf_counter() - started
+    state = engine.state
     if not state.history:
         raise RuntimeError(f"run {spec.name} finished without an epoch of metrics")
-    model = trainer.model
+    model = engine.model
     gflops, note = count_model_flops(model, cfg.img_size)
     img_per_s, step_ms = measure_speed(model, cfg.img_size, settings.bench_batch, settings.bench_steps, device)
     last = state.history[-1]
@@ -263,7 +257,7 @@ def train_and_measure(settings: AblationSettings, spec: RunSpec, device: torch.d
         run=spec.name, mixer=spec.mixer, topk=spec.topk, seed=spec.seed,
         params=sum(p.numel() for p in model.parameters()), gflops=gflops, flops_note=note,
         img_per_s=img_per_s, train_step_ms=step_ms, bench_batch=settings.bench_batch,
-        top1=float(last["val_top1"]), best_top1=float(state.best_top1), epochs=int(last["epoch"]),
+        top1=float(last["val_top1"]), best_top1=float(state.best), epochs=int(last["epoch"]),
         train_seconds=train_seconds, resumed=resume, device=str(device),
         threads=torch.get_num_threads(), host=os.uname().nodename,
     )

@@ -13,9 +13,10 @@ _EXPORTS = {
     "PRESETS": "config",
     "TrainConfig": "config",
     "build_config": "config",
+    "ClassificationTask": "training",
     "EvalResult": "engine",
-    "Trainer": "engine",
     "evaluate": "engine",
+    "train": "training",
 }
 
 __all__ = list(_EXPORTS)

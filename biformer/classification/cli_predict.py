@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..images import open_rgb
-    from .engine import log
+    from ..engine.loop import log
     from .data import eval_transform
     from .inference import check_numbers, display_names, load_checkpoint
     from ..engine.runtime import resolve_device

@@ -2,22 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import os
-import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from ..errors import UserError, UserValueError
 from .config import (
-    DIGITS,
     CONFIG_FIELDS,
     TrainConfig,
     add_config_arguments,
     build_config,
     explicit_overrides,
     load_yaml,
-    resolved_drop_path,
-    resolved_lr,
 )
 
 # What may change when a run is resumed: where and how it runs, never what it computes.
@@ -52,25 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
-def resolve(cfg: TrainConfig, world_size: int, output: str) -> TrainConfig:
-    """Fill the values that depend on the data given and the number of processes, so the saved
-    config states exactly what ran."""
-    from .data import default_num_workers
-
-    if cfg.dataset is None:
-        cfg.dataset = DIGITS if cfg.data is None else ""
-    cfg.drop_path = resolved_drop_path(cfg)
-    cfg.lr = resolved_lr(cfg, world_size)
-    if cfg.num_workers is None:
-        cfg.num_workers = default_num_workers()
-    cfg.output = output
-    return cfg
-
-
-def _default_output(cfg: TrainConfig) -> str:
-    return str(Path("runs") / f"{cfg.preset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
 def load_config(args: argparse.Namespace) -> TrainConfig:
     overrides: Dict[str, Any] = explicit_overrides(args)
     if args.resume is None:
@@ -93,32 +69,10 @@ def load_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .engine import Trainer, log, write_config
-    from ..engine.rundir import prepare_run_folder
-    from ..engine.runtime import broadcast_object, init_runtime, on_main_first, shutdown
+    from .training import train
 
-    cfg = load_config(args)
-    runtime = init_runtime(cfg.device)
-    lock = None
-    try:
-        output = cfg.output or broadcast_object(_default_output(cfg))
-        cfg = resolve(cfg, runtime.world_size, output)
-        if runtime.device.type == "cpu":  # threads that leave room for workers and other processes
-            from ..engine.threads import configure_cpu_threads
-
-            configure_cpu_threads(cfg.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        resume = args.resume is not None
-        # only rank 0 writes, so only rank 0 locks; the others learn the outcome from it
-        lock = on_main_first(runtime, lambda: prepare_run_folder(
-            Path(output), resume, getattr(args, "overwrite", False), note=log))
-        trainer = Trainer(cfg, runtime, resume=resume)
-        write_config(cfg, runtime)
-        trainer.fit()
-    finally:
-        if lock is not None:
-            lock.release()
-        shutdown(runtime)
+    train(load_config(args), resume=args.resume is not None, overwrite=getattr(args, "overwrite", False))
     return 0
 
 
-__all__ = ["CONFIG_FIELDS", "add_arguments", "load_config", "resolve", "run"]
+__all__ = ["CONFIG_FIELDS", "add_arguments", "load_config", "run"]

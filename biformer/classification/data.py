@@ -31,6 +31,7 @@ from ..images import open_rgb, to_rgb8
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..engine.loop import seed_all
 from ..errors import UserError, UserValueError
 from .config import DIGITS
 from .._extras import require
@@ -234,13 +235,6 @@ def class_counts(source: ImageSource) -> Optional[List[int]]:
 
 
 # ---- dataset with per-sample seeding and bad-image handling ------------------------------------
-
-
-def seed_all(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators (the ones timm's transforms and mixup use)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class ImageSamples(Dataset):

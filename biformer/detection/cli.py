@@ -21,7 +21,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..engine.loop import ENGINE_NON_NEGATIVE, ENGINE_POSITIVE, add_engine_arguments, engine_config, resolve_options, run_task
+from ..engine.loop import (ENGINE_NON_NEGATIVE, ENGINE_POSITIVE, add_engine_arguments, engine_config, resolve_options,
+                           run_config_text, run_task)
 from ..engine.runtime import resolve_device
 from ..errors import UserValueError
 from ..images import SAMPLE_IMAGES, load_image
@@ -98,14 +99,15 @@ def _train(args: argparse.Namespace) -> int:
     backbone_kwargs = json_argument(options["backbone_kwargs"], "--backbone-kwargs")
     model_kwargs = json_argument(options["model_kwargs"], "--model-kwargs")
 
-    def build(options: Dict[str, Any]) -> Tuple[DetectionTask, Any]:
+    def setup(runtime: Any) -> Tuple[DetectionTask, Any, str]:
         task = DetectionTask(options, backbone_kwargs, model_kwargs)
         schedule = dict(policy="step", warmup_steps=options["warmup_steps"], warmup_ratio=1e-3,
                         milestones=tuple(options["milestones"]))
-        return task, engine_config(options, WEIGHT_DECAY[options["model"]], schedule)
+        header = ["biformer detect train: this run's options. Continue it: biformer detect train --resume RUN"]
+        return task, engine_config(options, WEIGHT_DECAY[options["model"]], schedule), run_config_text(options, header)
 
-    return run_task(build, options, resume, args.overwrite, options["device"],
-                    ["biformer detect train: this run's options. Continue it: biformer detect train --resume RUN"])
+    run_task(options["device"], setup, resume, args.overwrite)
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:

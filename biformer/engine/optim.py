@@ -1,14 +1,15 @@
-"""Optimizer parameter groups and the learning-rate schedules the paper used for dense prediction."""
+"""Optimizer parameter groups, the learning-rate schedules the paper used for dense prediction, and
+the one interface the training engine steps any schedule through (:class:`Schedule`)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Any, Dict, Protocol, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ["build_optimizer", "LRSchedule"]
+__all__ = ["build_optimizer", "LRSchedule", "Schedule", "ScaledSchedule", "TimmSchedule"]
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -54,3 +55,50 @@ class LRSchedule:
         if step < self.warmup_steps:
             factor *= 1 - (1 - step / self.warmup_steps) * (1 - self.warmup_ratio)
         return factor
+
+
+class Schedule(Protocol):
+    """How the engine drives a learning-rate schedule: ``set_update(u)`` before update ``u`` sets the
+    optimizer's learning rates for it; the state goes into ``state.pt``."""
+
+    def set_update(self, update: int) -> None: ...
+
+    def state_dict(self) -> Dict[str, Any]: ...
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None: ...
+
+
+class ScaledSchedule:
+    """``lr x schedule(update)`` on every parameter group (the dense tasks' default). Stateless: the
+    learning rate is a function of the update alone."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, schedule: LRSchedule) -> None:
+        self.optimizer, self.lr, self.schedule = optimizer, lr, schedule
+
+    def set_update(self, update: int) -> None:
+        lr = self.lr * self.schedule(update)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+
+class TimmSchedule:
+    """A timm scheduler made with ``step_on_epochs=False`` (it steps every update)."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def set_update(self, update: int) -> None:
+        # timm's step_update(n) sets the rate for the update that follows n finished ones
+        self.scheduler.step_update(num_updates=update)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)

@@ -25,7 +25,8 @@ from typing import Any, Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..engine.loop import ENGINE_NON_NEGATIVE, ENGINE_POSITIVE, add_engine_arguments, engine_config, resolve_options, run_task
+from ..engine.loop import (ENGINE_NON_NEGATIVE, ENGINE_POSITIVE, add_engine_arguments, engine_config, resolve_options,
+                           run_config_text, run_task)
 from ..engine.runtime import resolve_device
 from ..errors import UserValueError
 from ..images import SAMPLE_IMAGES, load_image
@@ -117,14 +118,15 @@ def _train(args: argparse.Namespace) -> int:
     backbone_kwargs = json_argument(options["backbone_kwargs"], "--backbone-kwargs")
     model_kwargs = json_argument(options["model_kwargs"], "--model-kwargs")
 
-    def build(options: Dict[str, Any]) -> Tuple[SegmentationTask, Any]:
+    def setup(runtime: Any) -> Tuple[SegmentationTask, Any, str]:
         task = SegmentationTask(options, backbone_kwargs, model_kwargs)
         schedule = dict(policy=recipe["policy"], warmup_steps=options["warmup_steps"],
                         warmup_ratio=recipe["warmup_ratio"], min_ratio=recipe["min_ratio"])
-        return task, engine_config(options, recipe["weight_decay"], schedule)
+        header = ["biformer segment train: this run's options. Continue it: biformer segment train --resume RUN"]
+        return task, engine_config(options, recipe["weight_decay"], schedule), run_config_text(options, header)
 
-    return run_task(build, options, resume, args.overwrite, options["device"],
-                    ["biformer segment train: this run's options. Continue it: biformer segment train --resume RUN"])
+    run_task(options["device"], setup, resume, args.overwrite)
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
