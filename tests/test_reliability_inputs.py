@@ -116,16 +116,20 @@ def test_item05_nonfinite_propagation_compiled(backend: str, grid: str) -> None:
         torch.testing.assert_close(compiled(*base), op(*base), rtol=1e-4, atol=1e-5)
         for tensor in "qkv":
             for value in ("nan", "inf", "-inf"):
-                if backend == "dense" and tensor == "k" and value != "nan":
-                    continue  # the documented superset, checked in eager above
                 q, k, v = (t.clone() for t in base)
                 bad = dict(q=q, k=k, v=v)[tensor]
                 bad[0, 1, 2, 1] = float(value)
                 bad[1, height // 2, 0, :] = float(value)
                 expected = bi_level_routing_attention(q, k, v, backend="reference", **kwargs)
                 out = compiled(q, k, v)
-                assert torch.equal(out.isnan(), expected.isnan()), (tensor, value)
-                assert torch.equal(out.isinf(), expected.isinf()), (tensor, value)
+                if backend == "dense" and tensor != "q":
+                    # documented: compiled dense does not sanitise, so a bad key or value outside the
+                    # routed regions makes its rows NaN too; never finite where reference is not
+                    assert (~out.isfinite() | expected.isfinite()).all(), (tensor, value)
+                    assert (out.isnan() | ~expected.isnan()).all(), (tensor, value)
+                else:
+                    assert torch.equal(out.isnan(), expected.isnan()), (tensor, value)
+                    assert torch.equal(out.isinf(), expected.isinf()), (tensor, value)
                 finite = out.isfinite() & expected.isfinite()
                 torch.testing.assert_close(out[finite], expected[finite], rtol=1e-4, atol=1e-5)
 

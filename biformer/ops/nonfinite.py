@@ -26,6 +26,11 @@ channel of ``v``, "routed" = in a key region that ``i``'s region routes to):
   channel ``c`` make it NaN, only +inf makes it +inf, only -inf makes it -inf. (Where a weight is
   exactly 0, ``reference`` gives NaN instead of ±inf; which weights underflow to 0 differs between
   kernels, so that case is not well-defined.)
+
+Compiled or exported (``torch.compile``, ``torch.export``, ONNX), ``dense`` does not sanitise its
+inputs, so a non-finite key or value in a region the query did not route to also makes the row NaN:
+a superset of ``reference``'s NaN rows. No backend ever returns a finite value where ``reference``
+does not.
 """
 from __future__ import annotations
 
