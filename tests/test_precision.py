@@ -79,3 +79,34 @@ def test_bf16_autocast_model_matches_the_original_float32_logits() -> None:
     torch.testing.assert_close(logits, want, atol=0.1, rtol=0)
     assert torch.nn.functional.cosine_similarity(logits, want, dim=-1).min() > 0.9995
     assert torch.equal(logits.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_low_precision_kernel_matches_sdpa_in_float32(mask_kind: str) -> None:
+    """bf16 on the CPU runs the explicit matmul + softmax kernel: it must agree with float32 SDPA
+    (forward and input gradients) within bf16 tolerances, for every mask form the backends pass."""
+    import torch.nn.functional as F
+
+    from biformer.ops.kernel import attention, explicit_kernel_preferred
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(6, 2, 16, 32, generator=g) for _ in range(3))
+    mask = None
+    if mask_kind != "none":
+        allowed = torch.rand(6, 1, 16, 16, generator=g) > 0.4
+        allowed[..., 0] = True  # every query sees a key
+        mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    assert explicit_kernel_preferred(q.bfloat16()) and not explicit_kernel_preferred(q)
+    want_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = F.scaled_dot_product_attention(*want_inputs, attn_mask=mask, scale=0.2)
+    want.sum().backward()
+    low_inputs = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    low_mask = mask if mask is None or mask.dtype == torch.bool else mask.bfloat16()
+    got = attention(*low_inputs, low_mask, 0.2)
+    got.float().sum().backward()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    for low, ref in zip(low_inputs, want_inputs):
+        torch.testing.assert_close(low.grad.float(), ref.grad, atol=8e-2, rtol=8e-2)
+    # float32 is SDPA itself
+    torch.testing.assert_close(attention(q, k, v, mask, 0.2), want.detach(), atol=0, rtol=0)

@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..kernel import attention
 from ..nonfinite import nonfinite_guard, sanitise
 from ..regions import RegionGrid, Routing
 from ..routing_rule import dense_token_bias
@@ -31,7 +31,7 @@ def dense_backend(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: 
     def heads(x: Tensor) -> Tensor:  # (N, *size, C) -> (N, h, tokens, C/h), a view
         return x.reshape(n, tokens, h, x.shape[-1] // h).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=dense_token_bias(routing, q.dtype), scale=scale)
+    out = attention(heads(q), heads(k), heads(v), dense_token_bias(routing, q.dtype), scale)
     out = out.transpose(1, 2).reshape(*v.shape)  # (N, h, tokens, dv) -> (N, *size, C_v)
     return out if term is None else out + term
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..compiled import routed_sdpa_op, use_compiled_ops
 from ..gather import query_regions, regions_to_map, routed_key_valid, routed_rows
+from ..kernel import attention, explicit_kernel_preferred
 from ..nonfinite import nonfinite_guard
 from ..regions import RegionGrid, Routing
 
@@ -27,7 +27,8 @@ def sdpa_backend(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: i
     # what the kernel may hide of reference's NaN/inf (see biformer.ops.nonfinite)
     term = nonfinite_guard(q, k, v, routing, num_heads, keep_inf_keys=True)
     zero_row = term is not None and grid.is_padded  # padded slots must read zeros, not a neighbour's NaN
-    if use_compiled_ops(q) and not zero_row and grid.ndim == 2:  # the custom op is 2D only
+    # the custom op is 2D only, and wraps SDPA's float32-speed kernel (low precision is faster traced)
+    if use_compiled_ops(q) and not zero_row and grid.ndim == 2 and not explicit_kernel_preferred(q):
         out = routed_sdpa_op(q, k, v, routing, num_heads, scale)
         return out if term is None else out + term
     n = q.shape[0]
@@ -44,7 +45,7 @@ def sdpa_backend(q: Tensor, k: Tensor, v: Tensor, routing: Routing, num_heads: i
     mask = routed_key_valid(routing, q.device)
     if mask is not None:
         mask = mask.view(n * p, 1, 1, topk * t)
-    out = F.scaled_dot_product_attention(query_regions(q, grid, h), routed(k), routed(v), attn_mask=mask, scale=scale)
+    out = attention(query_regions(q, grid, h), routed(k), routed(v), mask, scale)  # (N*P, h, T, dv)
     out = regions_to_map(out, grid, n)  # (N*P, h, T, dv) -> (N, *size, C_v)
     return out if term is None else out + term
 
