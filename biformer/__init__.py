@@ -26,7 +26,10 @@ def _started_as_cli() -> bool:
     return any(a == "-m" and b == "biformer" for a, b in zip(argv, argv[1:])) and _sys.argv[:1] == ["-m"]
 
 
-if _started_as_cli():
+# read once, now: once the command runs, sys.argv no longer tells (subpackages such as ablate ask this)
+_CLI_START = _started_as_cli()
+
+if _CLI_START:
     def __getattr__(name: str) -> _Any:
         if name in _LAZY:
             import importlib

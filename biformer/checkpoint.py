@@ -1,5 +1,9 @@
 """Checkpoint files: safe loading, our safetensors format, and conversion of the original's.
 
+:func:`load_checkpoint` is the one loader: every command reads a classifier (ours or the original's)
+or a task model through it, and :func:`load_weights` (weights into a model already built) shares its
+reader. Either reads the file once.
+
 No path here unpickles code: ``.safetensors`` files are read with safetensors, anything else with
 ``torch.load(weights_only=True)``, which refuses pickles that would run code.
 
@@ -10,20 +14,21 @@ Our files are safetensors whose metadata names the model and the kwargs that reb
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import math
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import UserError, UserValueError
@@ -67,27 +72,24 @@ def describe_load_error(error: BaseException) -> str:
 
 def read_state_dict(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
     """Read tensors and metadata from a ``.safetensors`` or ``torch.save`` file, unwrapping
-    ``{"model": ...}`` / ``{"state_dict": ...}``. Never executes pickled code."""
+    ``{"model": ...}`` / ``{"state_dict": ...}``. The file is opened once; no pickled code runs."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {str(path)!r}")
-    if _is_safetensors(path):
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+        if _is_safetensors_header(head):  # a safetensors file under another name
+            return _read_safetensors_bytes(path, head + f.read())
+        f.seek(0)
         try:
-            tensors = load_file(str(path))
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read safetensors file {str(path)!r} (truncated or corrupt?): {e}") from e
-        return tensors, metadata
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
-        raise CheckpointError(
-            f"refusing or unable to load {str(path)!r} with weights_only=True ({describe_load_error(e)}); "
-            "only plain tensor checkpoints are accepted, and a pickle that needs code is never executed"
-        ) from e
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
+            raise CheckpointError(
+                f"refusing or unable to load {str(path)!r} with weights_only=True ({describe_load_error(e)}); "
+                "only plain tensor checkpoints are accepted, and a pickle that needs code is never executed"
+            ) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(obj).__name__}, expected a state_dict")
     state_dict = unwrap_state_dict(obj)
@@ -97,12 +99,33 @@ def read_state_dict(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
     return state_dict, {}
 
 
-def _is_safetensors(path: Path) -> bool:
-    if path.suffix == ".safetensors":
-        return True
-    with open(path, "rb") as f:  # safetensors: 8-byte little-endian header size, then '{'
-        head = f.read(9)
+def _is_safetensors_header(head: bytes) -> bool:
+    """safetensors: an 8-byte little-endian header size, then the header's JSON ``{``."""
     return len(head) == 9 and head[8:9] == b"{"
+
+
+def _safetensors_error(path: Path, error: BaseException) -> CheckpointError:
+    return CheckpointError(f"cannot read safetensors file {str(path)!r} (truncated or corrupt?): {error}")
+
+
+def _read_safetensors(path: Path) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:  # tensors and metadata from one open
+            metadata = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _safetensors_error(path, e) from e
+    return tensors, metadata
+
+
+def _read_safetensors_bytes(path: Path, data: bytes) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    try:
+        tensors = load_safetensors_bytes(data)
+        header_size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, AttributeError) as e:  # ValueError covers malformed JSON
+        raise _safetensors_error(path, e) from e
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
 def _read_umask() -> int:
@@ -289,11 +312,24 @@ def register_model_rules(name: str, base_kwargs: Dict[str, Any],
     EXTRA_MODELS[name] = (dict(base_kwargs), dict(kwarg_rules))
 
 
+# research variants whose module registers them (with timm and here) on import: imported when a file
+# or a config names them, so `biformer eval` reads an ablation run's checkpoint as any other
+MODEL_MODULES = {"biformer_ablate": "biformer.ablate.skeleton"}
+
+
+def _register(model_name: str) -> None:
+    if model_name in MODEL_MODULES and model_name not in EXTRA_MODELS:
+        import importlib
+
+        importlib.import_module(MODEL_MODULES[model_name])
+
+
 def accepted_models() -> List[str]:
-    return sorted(MODEL_ARGS) + sorted(EXTRA_MODELS)
+    return sorted(MODEL_ARGS) + sorted(set(EXTRA_MODELS) | set(MODEL_MODULES))
 
 
 def kwarg_rules_for(model_name: str) -> Dict[str, Tuple[Callable[[Any], bool], str]]:
+    _register(model_name)
     return {**MODEL_KWARG_RULES, **EXTRA_MODELS.get(model_name, ({}, {}))[1]}
 
 
@@ -348,6 +384,7 @@ def validate_metadata(path: PathLike, metadata: Dict[str, str]) -> Tuple[str, Di
     if model_name not in accepted_models():
         raise CheckpointError(f"{where!r}: metadata field 'model_name' is {model_name[:100]!r}, "
                               f"expected one of {accepted_models()}")
+    _register(model_name)
     kwargs = _json_field(path, metadata, "model_kwargs", {})
     if not isinstance(kwargs, dict):
         raise CheckpointError(f"{where!r}: metadata field 'model_kwargs' is a {type(kwargs).__name__}, expected "
@@ -388,48 +425,169 @@ def class_names_of(path: PathLike, metadata: Dict[str, str]) -> Optional[List[st
     return names
 
 
+@dataclass
+class LoadedCheckpoint:
+    """A model built and loaded from one read of a checkpoint file, and what the file says about it."""
+
+    model: nn.Module
+    model_name: str  # the registered variant, or the builder of a task model (e.g. "upernet")
+    model_kwargs: Dict[str, Any]
+    class_names: Optional[List[str]]  # None when the file names no classes (the original's format)
+    metadata: Dict[str, str]  # as stored; empty for the original's format
+    path: str  # the local file read (an hf-hub: name resolved to its cached file)
+    task: Optional[str] = None  # "detection" or "segmentation" for a task model, None for a classifier
+
+    @property
+    def num_classes(self) -> int:
+        count = getattr(self.model, "num_classes", None)
+        return int(count) if count is not None else len(self.class_names or [])
+
+    @property
+    def pretrained_cfg(self) -> Dict[str, Any]:
+        """The preprocessing the model was trained with (input_size, crop_pct, interpolation, mean, std)."""
+        return preprocess_config(self.model)
+
+    def data_config(self, img_size: Optional[int] = None, crop_pct: Optional[float] = None) -> Dict[str, Any]:
+        """timm's resolved data config of a classifier, with ``img_size`` / ``crop_pct`` overriding the saved ones."""
+        from timm.data import resolve_data_config
+
+        overrides: Dict[str, Any] = {}
+        if img_size is not None:
+            overrides["input_size"] = (3, img_size, img_size)
+        if crop_pct is not None:
+            overrides["crop_pct"] = crop_pct
+        return resolve_data_config(pretrained_cfg={**self.model.pretrained_cfg, **overrides})
+
+
+# what to use instead when a whole task model is given where a classifier is expected
+_TASK_COMMANDS = {"detection": "`biformer detect` or biformer.detection.load_detector",
+                  "segmentation": "`biformer segment` or biformer.segmentation.load_segmentor"}
+
+
+def _refuse_task_model(path: str, metadata: Mapping[str, str], expected: str) -> None:
+    """A task model's "model_name" is its builder (e.g. "upernet"): say what it is before comparing names."""
+    task = metadata.get("task")
+    if task:
+        use = _TASK_COMMANDS.get(task, "that task's load function")
+        builder = metadata.get("model_name", "")[:100]  # the file's text: cut short
+        raise CheckpointMismatchError(f"{path!r} is a whole {task[:100]} model ({builder}), not {expected}; "
+                                      f"load it with {use} instead")
+
+
+def read_checkpoint(path: PathLike) -> Tuple[str, Dict[str, Tensor], Dict[str, str]]:
+    """``(local path, tensors, metadata)`` of a checkpoint, read once: a local file, or
+    ``hf-hub:ORG/NAME[@REV]`` (its ``model.safetensors`` in the Hugging Face cache)."""
+    from .hub import resolve_checkpoint
+
+    local = str(resolve_checkpoint(str(path)))
+    state_dict, metadata = read_state_dict(local)
+    return local, state_dict, metadata
+
+
+def load_checkpoint(
+    path: PathLike,
+    model_name: Optional[str] = None,
+    *,
+    task: Optional[str] = None,
+    builders: Optional[Mapping[str, Callable[..., nn.Module]]] = None,
+    **overrides: Any,
+) -> LoadedCheckpoint:
+    """Read a checkpoint once and build the model it holds: every command loads through here.
+
+    Without ``task``: a classifier, from our file (its metadata checked by :func:`validate_metadata`
+    before anything is built) or from the original's format (the variant inferred from the tensor
+    shapes, the keys converted). ``model_name`` refuses a checkpoint of another model, naming both;
+    ``overrides`` are extra model kwargs. With ``task`` (and that task's ``builders``): a whole task
+    model saved by :func:`save_task_model`.
+    """
+    where, state_dict, metadata = read_checkpoint(path)
+    if task is not None:
+        return _build_task_model(where, state_dict, metadata, task, builders or {})
+    _refuse_task_model(where, metadata, "a classification checkpoint")
+    ours, asked = metadata.get("format") == FORMAT, model_name
+    if ours:
+        saved_name, kwargs, pretrained_cfg = validate_metadata(where, metadata)
+        if model_name is not None and model_name != saved_name:
+            raise CheckpointMismatchError(f"{where!r} holds a {saved_name} checkpoint, but model {model_name} "
+                                          "was asked for")
+        model_name = saved_name
+        class_names = class_names_of(where, metadata)
+    else:
+        if model_name is None:
+            model_name = infer_original_variant(state_dict)
+        kwargs, pretrained_cfg, class_names = {"num_classes": _num_classes(state_dict)}, {}, None
+    kwargs.update(overrides)
+    model = _create_classifier(where, model_name, kwargs, ours)
+    try:
+        model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=True)
+    except (CheckpointMismatchError, RuntimeError) as e:
+        if not ours and asked is not None:
+            _refuse_other_original_variant(where, state_dict, asked)
+        raise CheckpointMismatchError(f"{where!r} does not fit model {model_name}: {e}") from e
+    if pretrained_cfg:
+        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **pretrained_cfg}
+    return LoadedCheckpoint(model, model_name, kwargs, class_names, metadata, where)
+
+
+def _create_classifier(where: str, model_name: str, kwargs: Dict[str, Any], ours: bool) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(model_name, **kwargs)
+    except (ValueError, TypeError) as e:  # each kwarg is in range, but together they may not build
+        if not ours or isinstance(e, CheckpointMismatchError):
+            raise
+        raise CheckpointError(f"{where!r}: metadata field 'model_kwargs' does not build {model_name}: {e}") from e
+
+
+def _refuse_other_original_variant(where: str, state_dict: Dict[str, Tensor], asked: str) -> None:
+    """An original-format checkpoint names no model: when it is another variant than ``asked``, say which."""
+    try:
+        variant = infer_original_variant(state_dict)
+    except CheckpointMismatchError:
+        return
+    if variant != asked:
+        raise CheckpointMismatchError(f"{where!r} holds a {variant} checkpoint (original format), so it does not fit "
+                                      f"model {asked}")
+
+
+def _build_task_model(where: str, state_dict: Dict[str, Tensor], metadata: Dict[str, str], task: str,
+                      builders: Mapping[str, Callable[..., nn.Module]]) -> LoadedCheckpoint:
+    if metadata.get("format") != FORMAT or metadata.get("task") != task:
+        found = metadata.get("task") or (
+            f"{metadata['model_name']} classification" if "model_name" in metadata else "unknown-format"
+        )
+        raise CheckpointError(f"{where!r} is a {found} checkpoint, expected a {task} model saved by biformer")
+    builder = metadata.get("model_name", "")
+    if builder not in builders:
+        raise CheckpointError(f"{where!r} was built by {builder[:100]!r}, expected one of {sorted(builders)}")
+    kwargs = _json_field(where, metadata, "model_kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{where!r}: metadata field 'model_kwargs' is a {type(kwargs).__name__}, expected "
+                              "a JSON object")
+    class_names = class_names_of(where, metadata) or []
+    try:
+        model = builders[builder](**kwargs)
+    except TypeError as e:  # a kwarg the builder does not take
+        raise CheckpointError(f"{where!r}: metadata field 'model_kwargs' does not build {builder}: {e}") from e
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise CheckpointMismatchError(f"{where!r} does not fit {builder}(**{kwargs}): {e}") from e
+    return LoadedCheckpoint(model, builder, kwargs, class_names, metadata, where, task=task)
+
+
 def load_model(
     path: PathLike,
     model_name: Optional[str] = None,
     **overrides: Any,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build and load a model from our checkpoint or from the original's format.
-
-    Returns ``(model, info)`` with ``info`` holding ``model_name``, ``model_kwargs`` and the
-    preprocessing config. A checkpoint of another model is refused, naming both; our file's
-    metadata is checked (:func:`validate_metadata`) before anything is built from it.
-    """
-    import timm
-
-    state_dict, metadata = read_state_dict(path)
-    if metadata.get("format") == FORMAT:
-        saved_name, kwargs, pretrained_cfg = validate_metadata(path, metadata)
-        if model_name is not None and model_name != saved_name:
-            raise CheckpointMismatchError(
-                f"{str(path)!r} holds a {saved_name} checkpoint, but model {model_name} was asked for"
-            )
-        model_name = saved_name
-    else:
-        if model_name is None:
-            model_name = infer_original_variant(state_dict)
-        kwargs = {"num_classes": _num_classes(state_dict)}
-        pretrained_cfg = {}
-    kwargs.update(overrides)
-    try:
-        model = timm.create_model(model_name, **kwargs)
-    except (ValueError, TypeError) as e:  # each kwarg is in range, but together they may not build
-        if metadata.get("format") != FORMAT or isinstance(e, CheckpointMismatchError):
-            raise
-        raise CheckpointError(f"{str(path)!r}: metadata field 'model_kwargs' does not build {model_name}: {e}") from e
-    try:
-        converted = checkpoint_filter_fn(state_dict, model)
-        model.load_state_dict(converted, strict=True)
-    except (CheckpointMismatchError, RuntimeError) as e:
-        raise CheckpointMismatchError(f"{str(path)!r} does not fit model {model_name}: {e}") from e
-    if pretrained_cfg:
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **pretrained_cfg}
-    return model, {"model_name": model_name, "model_kwargs": kwargs, "pretrained_cfg": preprocess_config(model),
-                   "metadata": metadata}
+    """:func:`load_checkpoint` for a classifier, as ``(model, info)``: ``info`` holds ``model_name``,
+    ``model_kwargs``, the preprocessing config (``pretrained_cfg``), ``class_names`` and ``metadata``."""
+    loaded = load_checkpoint(path, model_name, **overrides)
+    return loaded.model, {"model_name": loaded.model_name, "model_kwargs": loaded.model_kwargs,
+                          "pretrained_cfg": loaded.pretrained_cfg, "class_names": loaded.class_names,
+                          "metadata": loaded.metadata}
 
 
 # Metadata that save_model writes itself; everything else in our file (class names, epoch,
@@ -445,39 +603,23 @@ def convert(src: PathLike, dst: PathLike, model_name: Optional[str] = None) -> s
         raise UserValueError(f"got destination {str(dst)!r}, which is a directory; expected a .safetensors file path")
     if dst.exists() and dst.resolve() == Path(src).resolve():
         raise UserValueError(f"got destination {str(dst)!r}, which is the source file; expected another path")
-    model, info = load_model(src, model_name)
-    metadata = info["metadata"]
+    loaded = load_checkpoint(src, model_name)  # malformed class names are refused here, not copied on
+    metadata = loaded.metadata
     extra = {k: v for k, v in metadata.items() if k not in _OWN_METADATA} if metadata.get("format") == FORMAT else {}
-    if "class_names" in extra:
-        class_names_of(src, metadata)  # refuse malformed names rather than copy them on
     try:
-        save_model(dst, model, info["model_name"], info["model_kwargs"], extra)
+        save_model(dst, loaded.model, loaded.model_name, loaded.model_kwargs, extra)
     except (DiskFullError, IsADirectoryError):
         raise
     except OSError as e:  # a parent that is a file, a read-only or missing mount
         where = f" ({e.filename})" if e.filename and str(e.filename) != str(dst) else ""
         raise UserError(f"cannot write {str(dst)!r}: {e.strerror or e}{where}") from e
-    return info["model_name"]
-
-
-# ---- `biformer convert` ------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="checkpoint in the original's format (.pth/.pt/.safetensors; raw, 'model' or 'state_dict')")
-    parser.add_argument("dst", help="output .safetensors file")
-    parser.add_argument("--model", default=None, help="variant name; inferred from the tensor shapes when omitted")
-
-
-def run(args: argparse.Namespace) -> int:
-    name = convert(args.src, args.dst, args.model)
-    print(f"converted {args.src} -> {args.dst} ({name})")
-    return 0
+    return loaded.model_name
 
 
 __all__ = [
     "CheckpointError",
     "DiskFullError",
+    "LoadedCheckpoint",
     "atomic_write",
     "class_names_of",
     "describe_load_error",
@@ -485,7 +627,11 @@ __all__ = [
     "convert",
     "infer_original_variant",
     "is_original_state_dict",
+    "load_checkpoint",
     "load_model",
+    "load_task_model",
+    "load_weights",
+    "read_checkpoint",
     "read_state_dict",
     "save_model",
 ]
@@ -503,19 +649,15 @@ def load_weights(model: nn.Module, path: PathLike, model_name: Optional[str] = N
     ``model_name``; the original's keys are converted. Tensors whose shape differs from the model's
     (a classifier of another class count) keep their fresh init; ``without_head`` leaves the
     classifier out altogether (a backbone has none). Returns the keys not loaded."""
-    state_dict, metadata = read_state_dict(path)
-    # a task model's "model_name" is its builder (e.g. "upernet"), so say what it is before comparing names
-    if "task" in metadata:
-        raise CheckpointMismatchError(
-            f"{str(path)!r} is a whole {metadata['task']} model ({metadata.get('model_name')}), not a "
-            "classification checkpoint; load it with that task's load function instead")
+    where, state_dict, metadata = read_checkpoint(path)
+    _refuse_task_model(where, metadata, "a classification checkpoint")
     saved_name = metadata.get("model_name") if metadata.get("format") == FORMAT else None
     if saved_name and model_name and saved_name != model_name:
-        raise CheckpointMismatchError(f"{str(path)!r} holds a {saved_name} checkpoint, but the model is {model_name}")
+        raise CheckpointMismatchError(f"{where!r} holds a {saved_name} checkpoint, but the model is {model_name}")
     try:
         state_dict = checkpoint_filter_fn(state_dict, model)
     except CheckpointMismatchError as e:
-        raise CheckpointMismatchError(f"{str(path)!r} does not fit {model_name or 'the model'}: {e}") from e
+        raise CheckpointMismatchError(f"{where!r} does not fit {model_name or 'the model'}: {e}") from e
     if without_head:
         state_dict = {k: v for k, v in state_dict.items() if k not in _HEAD_KEYS}
     own = model.state_dict()
@@ -524,7 +666,7 @@ def load_weights(model: nn.Module, path: PathLike, model_name: Optional[str] = N
         del state_dict[k]
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if unexpected:
-        raise CheckpointMismatchError(f"{str(path)!r} has keys {list(unexpected)[:5]} that {model_name or 'the model'} "
+        raise CheckpointMismatchError(f"{where!r} has keys {list(unexpected)[:5]} that {model_name or 'the model'} "
                                       "does not")
     return sorted(set(missing) | set(reshaped))
 
@@ -552,22 +694,10 @@ def save_task_model(
 def load_task_model(
     path: PathLike, task: str, builders: Mapping[str, Callable[..., nn.Module]]
 ) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Rebuild and load a model saved by :func:`save_task_model`; returns ``(model, metadata)``."""
-    state_dict, metadata = read_state_dict(path)
-    if metadata.get("format") != FORMAT or metadata.get("task") != task:
-        found = metadata.get("task") or (
-            f"{metadata['model_name']} classification" if "model_name" in metadata else "unknown-format"
-        )
-        raise CheckpointError(f"{str(path)!r} is a {found} checkpoint, expected a {task} model saved by biformer")
-    builder = metadata["model_name"]
-    if builder not in builders:
-        raise CheckpointError(f"{str(path)!r} was built by {builder!r}, expected one of {sorted(builders)}")
-    kwargs = json.loads(metadata.get("model_kwargs", "{}"))
-    model = builders[builder](**kwargs)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise CheckpointMismatchError(f"{str(path)!r} does not fit {builder}(**{kwargs}): {e}") from e
-    info = {"builder": builder, "kwargs": kwargs, "class_names": json.loads(metadata.get("class_names", "[]"))}
-    info.update({k: v for k, v in metadata.items() if k not in ("model_kwargs", "class_names", "model_name")})
-    return model, info
+    """:func:`load_checkpoint` for a model saved by :func:`save_task_model`, as ``(model, info)``:
+    ``info`` holds ``builder``, ``kwargs``, ``class_names`` and the file's other metadata."""
+    loaded = load_checkpoint(path, task=task, builders=builders)
+    info: Dict[str, Any] = {"builder": loaded.model_name, "kwargs": loaded.model_kwargs,
+                            "class_names": loaded.class_names}
+    info.update({k: v for k, v in loaded.metadata.items() if k not in ("model_kwargs", "class_names", "model_name")})
+    return loaded.model, info

@@ -12,32 +12,36 @@ from typing import List, Optional
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "train": ("biformer.classification.cli_train", "train a classifier (no data argument: the bundled digits demo)"),
-    "eval": ("biformer.classification.cli_eval", "evaluate a checkpoint: top-1/top-5, loss, per-class accuracy"),
-    "predict": ("biformer.classification.cli_predict", "top-k labels for images with a checkpoint"),
-    "convert": ("biformer.checkpoint", "convert an original BiFormer checkpoint to safetensors"),
+    "classify": ("biformer.classification.cli", "image classification: train, eval, predict, demo-data"),
+    "detect": ("biformer.detection.cli", "object detection: train, eval, predict, demo-data"),
+    "segment": ("biformer.segmentation.cli", "semantic segmentation: train, eval, predict, demo-data"),
+    "train": ("biformer.classification.cli_train",
+              "= classify train: train a classifier (no data argument: the bundled digits demo)"),
+    "eval": ("biformer.classification.cli_eval",
+             "= classify eval: top-1/top-5, loss, per-class accuracy of a checkpoint"),
+    "predict": ("biformer.classification.cli_predict", "= classify predict: top-k labels for images with a checkpoint"),
+    "convert": ("biformer.cli_convert", "convert an original BiFormer checkpoint to safetensors"),
     "flops": ("biformer.analysis.cli_flops", "parameters and FLOPs per stage of a model"),
     "complexity": ("biformer.analysis.cli_complexity", "FLOPs of one BRA layer against the region count S"),
     "visualize": ("biformer.viz.cli", "draw where queries route and attend"),
+    "explore": ("biformer.viz.cli_explore", "write a self-contained HTML page to explore the routing by clicking"),
     "bench": ("biformer.bench.cli", "benchmark BRA backends and whole models against baselines"),
     "ablate": ("biformer.ablate.cli", "the attention ablation: BRA against other token mixers in one skeleton"),
-    "detect": ("biformer.detection.cli", "object detection: train, eval, predict"),
-    "segment": ("biformer.segmentation.cli", "semantic segmentation: train, eval, predict"),
     "push-to-hub": ("biformer.hub", "share a run or checkpoint on the Hugging Face Hub in timm's layout"),
-    "explore": ("biformer.viz.explore", "write a self-contained HTML page to explore the routing by clicking"),
 }
 
 
 # commands that train or evaluate for a while on the CPU: their OpenMP threads sleep rather than spin
 # while waiting, so a core held by another process does not stall every op (see engine/threads.py)
-THREADED = frozenset({"train", "eval", "detect", "segment"})
+THREADED = frozenset({"classify", "train", "eval", "detect", "segment"})
 
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: biformer COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "biformer COMMAND --help shows a command's options."]
+    lines += ["", "train, eval and predict are shorthands for classify train, classify eval and classify predict.",
+              "biformer COMMAND --help shows a command's options (biformer TASK ACTION --help for a task's action)."]
     return "\n".join(lines)
 
 

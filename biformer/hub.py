@@ -19,11 +19,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # torch loads when a function runs, so `biformer push-to-hub --help` answers at once
+    import torch.nn as nn
 
 PathLike = Union[str, os.PathLike]
 HF_PREFIX = "hf-hub:"
@@ -182,19 +183,16 @@ def save_run_pretrained(source: PathLike, directory: PathLike, *, repo_id: str =
                         overwrite: bool = False) -> Path:
     """:func:`save_pretrained` for a training run folder (its ``best.safetensors``) or a checkpoint file,
     with a model card from the run's ``config.yaml``, ``metrics.csv`` and figures."""
-    from .checkpoint import load_model
-    from .classification.inference import read_metadata
+    from .checkpoint import load_checkpoint
 
     weights = _run_weights(Path(source))
-    model, info = load_model(weights)
-    metadata = read_metadata(str(weights))
-    class_names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
+    loaded = load_checkpoint(weights)  # one read: the model, its class names and the run's metadata
     run = weights.parent if Path(source).is_dir() or (weights.parent / "config.yaml").is_file() else None
     figures = [run / name for name in _RUN_FIGURES if run is not None and (run / name).is_file()]
-    card = make_model_card(info["model_name"], info["model_kwargs"], class_names, run=run, weights=weights,
-                           metadata=metadata, figures=[f.name for f in figures], repo_id=repo_id)
-    return save_pretrained(model, directory, model_name=info["model_name"], model_kwargs=info["model_kwargs"],
-                           class_names=class_names, model_card=card, files=figures, overwrite=overwrite)
+    card = make_model_card(loaded.model_name, loaded.model_kwargs, loaded.class_names, run=run, weights=weights,
+                           metadata=loaded.metadata, figures=[f.name for f in figures], repo_id=repo_id)
+    return save_pretrained(loaded.model, directory, model_name=loaded.model_name, model_kwargs=loaded.model_kwargs,
+                           class_names=loaded.class_names, model_card=card, files=figures, overwrite=overwrite)
 
 
 def make_model_card(
@@ -332,13 +330,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("repo_id", metavar="REPO_ID", help="ORG/NAME on the Hugging Face Hub")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--revision", default=None, help="branch to commit to (default: main)")
-    parser.add_argument("--save-dir", default=None, metavar="DIR",
+    parser.add_argument("--output", default=None, metavar="DIR",
                         help="only write the folder here (what would be uploaded); no network")
+    parser.add_argument("--save-dir", dest="output", help=argparse.SUPPRESS)  # its former name
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.save_dir:
-        folder = save_run_pretrained(args.source, args.save_dir, repo_id=args.repo_id)
+    if args.output:
+        folder = save_run_pretrained(args.source, args.output, repo_id=args.repo_id)
         print(f"wrote {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))})")
         return 0
     url = push_to_hub(args.source, args.repo_id, private=args.private, revision=args.revision)

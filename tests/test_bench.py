@@ -114,6 +114,16 @@ def test_bench_cli_writes_json_and_chart(tmp_path: Path, capsys: pytest.CaptureF
         assert image.width >= 400 and image.height >= 200
 
 
+def test_bench_without_output_only_prints(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # where the former default folder, bench-results/, would have gone
+    code = cli_main(["bench", "--layers", "--quick", "--backends", "sdpa", "--repeats", "1", "--warmup", "1",
+                     "--threads", "1", "--device", "cpu"])
+    assert code == 0
+    assert "BRA layer S3" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- timm-style rows, streamed ------------------------------------------------------------------
 
 

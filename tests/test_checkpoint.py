@@ -1,8 +1,10 @@
 """Loading the original's checkpoints, our safetensors format, conversion, and refusals."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Dict
 
 import pytest
 import timm
@@ -160,3 +162,131 @@ def test_atomic_write_gives_the_usual_permissions_and_no_leftovers(tmp_path) -> 
         atomic_write(target, fail)
     assert target.read_bytes() == b"data"  # the old file stays whole
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+# ---- one loader: every command reads a checkpoint file once ------------------------------------
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch, checkpoint: Path) -> Dict[str, int]:
+    """Count every way ``checkpoint`` can be opened: safetensors' reader, torch.load on a path, and open()."""
+    import builtins
+
+    import biformer.checkpoint as ckpt_module
+    import safetensors
+
+    target = str(checkpoint)
+    counts = {"safe_open": 0, "torch.load": 0, "open": 0}
+
+    def counting(name: str, real):
+        def wrapper(file, *args, **kwargs):
+            if str(file) == target:
+                counts[name] += 1
+            return real(file, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(ckpt_module, "safe_open", counting("safe_open", ckpt_module.safe_open))
+    monkeypatch.setattr(safetensors, "safe_open", counting("safe_open", safetensors.safe_open))
+    monkeypatch.setattr(torch, "load", counting("torch.load", torch.load))
+    monkeypatch.setattr(builtins, "open", counting("open", builtins.open))
+    return counts
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+@pytest.mark.parametrize("kind", ["ours", "original"])
+def test_eval_and_predict_open_the_checkpoint_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture, kind: str, command: str) -> None:
+    from PIL import Image
+
+    for name, red in (("a", 200), ("b", 20)):
+        (tmp_path / "data" / "val" / name).mkdir(parents=True)
+        Image.new("RGB", (40, 40), (red, 90, 90)).save(tmp_path / "data" / "val" / name / "0.png")
+    if kind == "ours":
+        path = tmp_path / "tiny.safetensors"
+        kwargs = dict(num_classes=2, depths=[1, 1, 1, 1], embed_dims=[32, 64, 128, 256], head_dim=16, n_win=4)
+        save_model(path, timm.create_model("biformer_tiny", **kwargs), "biformer_tiny", kwargs,
+                   {"class_names": '["a", "b"]'})
+    else:
+        path = tmp_path / "original.pth"
+        torch.save({"model": original_state_dict("tiny")}, path)
+    counts = _count_reads(monkeypatch, path)
+    common = ["--checkpoint", str(path), "--model", "biformer_tiny", "--device", "cpu", "--json"]
+    if command == "eval":
+        argv = ["eval", *common, "--data", str(tmp_path / "data"), "--img-size", "64", "--num-workers", "0"]
+    else:
+        argv = ["predict", str(tmp_path / "data" / "val" / "a" / "0.png"), *common, "--top-k", "2"]
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["model"] == "biformer_tiny"
+    assert sum(counts.values()) == 1, counts  # one open, by one reader
+    assert counts["safe_open" if kind == "ours" else "open"] == 1, counts
+
+
+@pytest.mark.parametrize("kind", ["ours", "original"])
+def test_pretrained_weights_open_the_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """`train --pretrained` and `--pretrained-backbone` load through load_weights, on the same reader."""
+    from biformer.checkpoint import load_weights
+
+    model = timm.create_model("biformer_tiny", num_classes=5)
+    if kind == "ours":
+        path = tmp_path / "tiny.safetensors"
+        save_model(path, timm.create_model("biformer_tiny"), "biformer_tiny")
+    else:
+        path = tmp_path / "tiny.pth"
+        torch.save(original_state_dict("tiny"), path)
+    counts = _count_reads(monkeypatch, path)
+    assert load_weights(model, path, "biformer_tiny") == ["head.bias", "head.weight"]  # 1000 classes, not 5
+    assert sum(counts.values()) == 1, counts
+
+
+def test_one_loader_reads_every_kind_of_file(tmp_path: Path) -> None:
+    """Classifier (ours, the original's) and task model go through load_checkpoint; each refuses the others."""
+    from biformer.checkpoint import load_checkpoint, load_task_model
+    from biformer.segmentation import BUILDERS, save_segmentor, semantic_fpn
+
+    tiny = dict(depths=[1, 1, 1, 1], embed_dims=[32, 64, 128, 256], head_dim=16, n_win=4)
+    classifier = timm.create_model("biformer_tiny", num_classes=3, **tiny)
+    ours = tmp_path / "ours.safetensors"
+    save_model(ours, classifier, "biformer_tiny", {"num_classes": 3, **tiny}, {"class_names": '["x", "y", "z"]'})
+    loaded = load_checkpoint(ours)
+    assert (loaded.model_name, loaded.class_names, loaded.num_classes) == ("biformer_tiny", ["x", "y", "z"], 3)
+    assert loaded.data_config(img_size=48)["input_size"] == (3, 48, 48) and loaded.task is None
+
+    original = tmp_path / "tiny.pth"
+    torch.save(original_state_dict("tiny"), original)
+    loaded = load_checkpoint(original)
+    assert (loaded.model_name, loaded.class_names, loaded.metadata) == ("biformer_tiny", None, {})
+    with pytest.raises(CheckpointMismatchError, match=r"holds a biformer_tiny checkpoint \(original format\)"):
+        load_checkpoint(original, "biformer_small")
+
+    backbone = {k: v for k, v in tiny.items() if k != "n_win"}
+    segmentor = semantic_fpn("biformer_tiny", num_classes=2, n_win=4, backbone_kwargs=backbone, fpn_channels=16,
+                             channels=8)
+    seg = tmp_path / "seg.safetensors"
+    save_segmentor(seg, segmentor, ["bg", "fg"])
+    loaded = load_checkpoint(seg, task="segmentation", builders=BUILDERS)
+    assert (loaded.model_name, loaded.class_names, loaded.task) == ("semantic_fpn", ["bg", "fg"], "segmentation")
+    assert load_task_model(seg, "segmentation", BUILDERS)[1]["class_names"] == ["bg", "fg"]
+    with pytest.raises(CheckpointMismatchError, match="whole segmentation model .*biformer segment"):
+        load_checkpoint(seg)
+    with pytest.raises(CheckpointError, match="is a biformer_tiny classification checkpoint, expected a segmentation"):
+        load_checkpoint(ours, task="segmentation", builders=BUILDERS)
+
+
+def test_an_ablation_run_checkpoint_loads_where_nothing_imported_the_ablation(tmp_path: Path) -> None:
+    """Its model registers on import; the loader imports it when a file names it (here: a fresh `biformer predict`)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from biformer.ablate.skeleton import DIGITS_SKELETON
+
+    kwargs = dict(mixer="window", num_classes=3, **DIGITS_SKELETON)
+    path = tmp_path / "ablate.safetensors"
+    save_model(path, timm.create_model("biformer_ablate", **kwargs), "biformer_ablate", kwargs)
+    Image.new("RGB", (64, 64), (90, 20, 200)).save(tmp_path / "x.png")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "biformer", "predict", str(tmp_path / "x.png"), "--checkpoint",
+                           str(path), "--json"], capture_output=True, text=True, timeout=300, cwd=repo,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["model"] == "biformer_ablate"

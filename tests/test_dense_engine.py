@@ -156,6 +156,22 @@ def test_resume_after_kill_mid_epoch_gives_the_same_run(task_data: tuple, tmp_pa
     assert [float(r["loss"]) for r in steps_b] == pytest.approx([float(r["loss"]) for r in steps_a], rel=1e-6)
 
 
+def test_a_cpu_run_sets_its_threads_as_classification_does(task_data: tuple, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU the run chooses its intra-op threads, leaving its data workers' cores free (engine/threads.py)."""
+    from biformer.engine import threads
+
+    calls: List[tuple] = []
+    monkeypatch.setattr(threads, "configure_cpu_threads", lambda *args: calls.append(args))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    task, data = task_data
+    code, _, err = run_cli(train_args(task, data, tmp_path / "run", "--epochs", "1", "--device", "cpu",
+                                      "--num-workers", "1"), capsys)
+    assert code == 0, err
+    assert calls == [(1, 1)]
+
+
 # ---- the run folder and bad input ------------------------------------------------------------------
 
 

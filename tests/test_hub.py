@@ -251,3 +251,14 @@ def test_push_to_hub_refused_says_so_in_one_line(run_dir: Path, fake_hub: List[T
     assert err.startswith(f"biformer push-to-hub: error: upload to '{REPO}' failed:") and "\n" not in err, err
     assert "401" in err
     assert not any("/commit/" in path for _, path, _ in fake_hub)  # nothing was committed
+
+
+@pytest.mark.parametrize("flag", ["--output", "--save-dir"])  # --output as every command; --save-dir its old name
+def test_push_to_hub_output_only_writes_the_folder(tmp_path: Path, run_dir: Path,
+                                                   fake_hub: List[Tuple[str, str, bytes]],
+                                                   capsys: pytest.CaptureFixture[str], flag: str) -> None:
+    assert cli_main(["push-to-hub", str(run_dir), REPO, flag, str(tmp_path / "hf")]) == 0
+    assert f"wrote {tmp_path / 'hf'}" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["README.md", "config.json", "curves.png",
+                                                                 "model.safetensors"]
+    assert fake_hub == []  # no network

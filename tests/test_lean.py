@@ -76,20 +76,86 @@ def test_require_keeps_the_traceback_of_a_broken_dependency(monkeypatch) -> None
     assert not isinstance(info.value, MissingExtraError)
 
 
-# commands whose --help must not import torch (convert, bench, push-to-hub, explore, detect and segment
-# still import it at module level)
-LEAN_HELP = [[], ["train"], ["eval"], ["predict"], ["flops"], ["complexity"], ["visualize"]]
+HEAVY = ("torch", "timm", "matplotlib", "torchvision")
+
+# Run as the installed `biformer` script is (a file of that name, so biformer/__init__.py defers its torch
+# import): --help of every command in COMMANDS and of every action of the task commands, in one process,
+# checking after each that nothing heavy was imported.
+EVERY_HELP = """
+import argparse, importlib, sys
+from biformer.cli import COMMANDS, main
+
+def help_of(argv):
+    try:
+        main([*argv, "--help"])
+    except SystemExit as e:
+        assert e.code in (0, None), (argv, e.code)
+    loaded = [m for m in {heavy!r} if m in sys.modules]
+    assert not loaded, (argv, loaded)
+
+main(["--help"])
+checked = []
+for name, (module, _) in COMMANDS.items():
+    help_of([name])
+    checked.append(name)
+    parser = argparse.ArgumentParser()
+    importlib.import_module(module).add_arguments(parser)
+    for sub in [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]:
+        for action in sub.choices:
+            help_of([name, action])
+            checked.append(name + " " + action)
+print("checked:", ", ".join(checked))
+"""
 
 
-@pytest.mark.parametrize("argv", LEAN_HELP, ids=lambda a: " ".join(a) or "top-level")
-def test_help_does_not_import_torch(argv: List[str]) -> None:
+def test_no_help_imports_torch(tmp_path: Path) -> None:
+    script = tmp_path / "biformer"
+    script.write_text(EVERY_HELP.format(heavy=HEAVY))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checked = proc.stdout.rsplit("checked: ", 1)[1].strip().split(", ")
+    for task in ("classify", "detect", "segment"):
+        assert [c for c in checked if c.startswith(task + " ")] == [f"{task} {a}" for a in ACTIONS], checked
+    assert {"convert", "bench", "push-to-hub", "explore", "ablate", "train", "eval", "predict"} <= set(checked)
+
+
+ACTIONS = ("train", "eval", "predict", "demo-data")
+
+
+@pytest.mark.parametrize("argv", [[], ["detect", "train"]], ids=lambda a: " ".join(a) or "top-level")
+def test_help_of_python_m_biformer_does_not_import_torch(argv: List[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "biformer", *argv, "--help"],
                           capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
-    assert not imported & {"torch", "timm", "matplotlib", "torchvision"}, sorted(imported & {"torch", "timm"})
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
+def test_classify_help_lists_its_four_actions() -> None:
+    proc = subprocess.run([sys.executable, "-m", "biformer", "classify", "--help"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    listed = [line.split()[0] for line in proc.stdout.split("ACTION\n", 1)[1].splitlines()
+              if line.startswith("    ") and not line.startswith("     ")]
+    assert listed == list(ACTIONS), proc.stdout
+
+
+def test_the_names_commands_show_without_importing_agree_with_their_modules() -> None:
+    """--help lists these names without importing the modules that define them; they must agree."""
+    from biformer.ablate import MIXERS, cli as ablate_cli
+    from biformer.bench import cli as bench_cli, runner, runtimes, suites, table
+    from biformer.detection import BUILDERS as DETECTORS, cli as detect_cli
+    from biformer.segmentation import BUILDERS as SEGMENTORS, cli as segment_cli
+    from biformer.viz import cli_explore, explore
+
+    assert ablate_cli.MIXERS == tuple(MIXERS)
+    assert (bench_cli.PARTS, bench_cli.TABLES, bench_cli.MODELS) == (runner.PARTS, table.TABLES, suites.MODELS)
+    assert bench_cli.AMP_NAMES == tuple(sorted(runtimes.AMP_DTYPES))
+    assert detect_cli.MODELS == tuple(sorted(DETECTORS)) and segment_cli.MODELS == tuple(sorted(SEGMENTORS))
+    assert cli_explore.DEFAULT_ATTENTION_MB == explore.DEFAULT_ATTENTION_MB
 
 
 def test_visualize_names_the_bundled_images_without_loading_them() -> None:

@@ -6,10 +6,25 @@
 * :mod:`.suites`: the parts (BRA layers, whole models, efficiency);
 * :mod:`.runner` / :mod:`.report`: one run as a dict; tables, targets, JSON and PNG.
 """
-from .baseline import full_attention, original_bra, original_bra_peak_bytes, use_original_bra
-from .harness import Bench, Outcome, peak_memory_growth, run_group
-from .runner import PARTS, run_benchmark
-from .suites import BenchConfig, LayerCase
+import importlib
+from typing import Any
+
+# Loaded on first use: the submodules import torch, and ``biformer bench --help`` must not.
+_WHERE = {
+    "full_attention": "baseline", "original_bra": "baseline", "original_bra_peak_bytes": "baseline",
+    "use_original_bra": "baseline", "Bench": "harness", "Outcome": "harness", "peak_memory_growth": "harness",
+    "run_group": "harness", "PARTS": "runner", "run_benchmark": "runner", "BenchConfig": "suites",
+    "LayerCase": "suites",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "PARTS",

@@ -1,10 +1,10 @@
 """``biformer bench``: BRA backends and whole models against the original algorithm, Swin-T and ConvNeXt-T.
 
-Prints tables and the speed and memory targets to stdout (progress goes to stderr). Every finished
-measurement is appended at once to ``bench.csv`` and ``bench.jsonl`` in ``--output`` (timm
-``benchmark.py``-style rows, see :mod:`.rows`), so an interrupted run keeps what it measured;
-``bench.json`` and ``bench.png`` are written at the end. ``--table targets`` measures the table of
-the speed targets instead and prints it as markdown (``table.md``).
+Prints tables and the speed and memory targets to stdout (progress goes to stderr). With ``--output
+DIR`` (and only then) every finished measurement is appended at once to ``DIR/bench.csv`` and
+``bench.jsonl`` (timm ``benchmark.py``-style rows, see :mod:`.rows`), so an interrupted run keeps what
+it measured, and ``bench.json`` and ``bench.png`` are written at the end. ``--table targets`` measures
+the table of the speed targets instead and prints it as markdown (``table.md`` in ``DIR``).
 """
 from __future__ import annotations
 
@@ -12,19 +12,19 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import List
-
-import torch
+from typing import TYPE_CHECKING, List, Optional
 
 from ..errors import UserError, UserValueError
-from .harness import available_memory_bytes
-from .report import format_report, output_paths, write_chart, write_json
 from .rows import RowWriter
-from .runtimes import AMP_DTYPES, ONNX_CACHE, Setting, check_amp, require_onnx
-from .runner import PARTS, run_benchmark
-from .suites import MODELS, T_STAGE_CASES, BenchConfig
-from .table import TABLES, format_table, run_table
 
+if TYPE_CHECKING:  # torch loads when the command runs, so --help answers at once
+    from .suites import BenchConfig
+
+# Named here without importing the modules that define them (they import torch); a test checks they agree.
+PARTS = ("layers", "models", "efficiency")  # .runner.PARTS
+TABLES = ("targets",)  # .table.TABLES
+AMP_NAMES = ("bf16", "fp16")  # the keys of .runtimes.AMP_DTYPES
+MODELS = ("biformer_tiny", "biformer_small", "swin_tiny_patch4_window7_224", "convnext_tiny")  # .suites.MODELS
 QUICK_REPEATS, QUICK_LAYER_BATCH, QUICK_TRAIN_BATCH = 3, 2, 2
 QUICK_MODELS = ("biformer_tiny", "swin_tiny_patch4_window7_224")  # --quick: one of ours against the reference
 TABLE_REPEATS, TABLE_QUICK_REPEATS = 7, 2
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(224x224, batch 8, 2 threads unless overridden; ~15-25 minutes, --quick for a check)")
     settings = parser.add_argument_group("how models run (each adds candidates next to eager fp32, interleaved)")
     settings.add_argument("--compile", action="store_true", help="also torch.compile (inductor) each model")
-    settings.add_argument("--amp", choices=sorted(AMP_DTYPES),
+    settings.add_argument("--amp", choices=AMP_NAMES,
                           help="also run each model under torch.autocast with this dtype (fp16 needs a GPU)")
     settings.add_argument("--onnx", action="store_true",
                           help="also export each model to ONNX and run it in ONNX Runtime (CPU EP, intra-op threads "
@@ -67,8 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--large-repeats", type=int, default=2,
                         help="timed rounds for the large-map layer cases (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: %(default)s)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto: cuda when available, else cpu "
+                        "(default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=224, help="model input size (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=8,
                         help="inference batch (besides 1) and training batch (default: %(default)s)")
@@ -81,13 +81,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cleanly (default: half the memory available at start)")
     parser.add_argument("--max-call-seconds", type=float, default=60.0,
                         help="quadratic full attention predicted to take longer per call is not run (default: %(default)s)")
-    parser.add_argument("--output", default="bench-results", metavar="DIR",
-                        help="where bench.csv and bench.jsonl (appended row by row), bench.json, bench.png and "
-                             "table.md go (default: %(default)s)")
+    parser.add_argument("--output", default=None, metavar="DIR",
+                        help="write bench.csv and bench.jsonl (appended row by row), bench.json, bench.png or "
+                             "table.json and table.md here (default: nothing is written; the tables are printed)")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    import torch
+
+    from .harness import available_memory_bytes
+    from .runtimes import Setting, check_amp, require_onnx
+    from .suites import T_STAGE_CASES, BenchConfig
+
     for name in ("threads", "repeats", "warmup", "large_repeats", "image_size", "batch", "matmul_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -96,6 +102,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         value = getattr(args, name, None)
         if value is not None and not value > 0:
             raise UserValueError(f"got --{name.replace('_', '-')}={value}, expected a positive number")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -163,35 +171,45 @@ def _log(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .report import format_report, output_paths, write_chart, write_json
+    from .runner import run_benchmark
+    from .runtimes import ONNX_CACHE
+
     config = config_from_args(args)
-    writer = RowWriter(args.output)
-    _log(f"[bench] rows are appended to {writer.csv_path} and {writer.jsonl_path} as they finish")
+    writer = RowWriter(args.output) if args.output else None  # nothing is written unless --output is given
+    if writer is not None:
+        _log(f"[bench] rows are appended to {writer.csv_path} and {writer.jsonl_path} as they finish")
     try:
         if args.table:
             return _run_table(args, config, writer)
         parts = [p for p in PARTS if getattr(args, p)] or list(PARTS)
-        results = run_benchmark(config, parts, log=_log, sink=writer.write)
+        results = run_benchmark(config, parts, log=_log, sink=writer.write if writer else None)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         ONNX_CACHE.close()
     print(format_report(results))
-    paths = output_paths(args.output)
-    write_json(results, paths["json"])
-    write_chart(results, paths["png"])
-    _log(f"wrote {paths['json']} and {paths['png']}")
+    if args.output:
+        paths = output_paths(args.output)
+        write_json(results, paths["json"])
+        write_chart(results, paths["png"])
+        _log(f"wrote {paths['json']} and {paths['png']}")
     return 0
 
 
-def _run_table(args: argparse.Namespace, config: BenchConfig, writer: RowWriter) -> int:
+def _run_table(args: argparse.Namespace, config: BenchConfig, writer: Optional[RowWriter]) -> int:
+    import torch
+
     from ..checkpoint import atomic_write
     from .report import write_json
     from .runner import run_metadata
+    from .table import format_table, run_table
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     meta = run_metadata(config)
     try:
-        measured = run_table(args.table, config, _log, sink=writer.write,
+        measured = run_table(args.table, config, _log, sink=writer.write if writer else None,
                              rss_repeats=1 if args.quick else 3)
     finally:
         torch.set_num_threads(threads_before)
@@ -199,6 +217,8 @@ def _run_table(args: argparse.Namespace, config: BenchConfig, writer: RowWriter)
     text = format_table(measured)
     header = f"biformer bench --table {args.table}: {meta.summary()}"
     print(header + "\n\n" + text)
+    if not args.output:
+        return 0
     json_path = os.path.join(args.output, "table.json")
     write_json({"meta": meta.data, "config": config.to_dict(), "table": measured}, json_path)
 

@@ -1,8 +1,9 @@
-"""Training, evaluation and prediction for image classification (``biformer train|eval|predict``).
+"""Image classification: training, evaluation, prediction and the digits demo data, the commands
+``biformer classify train|eval|predict|demo-data`` (``biformer train|eval|predict`` for short).
 
 The recipe defaults are the paper's ImageNet recipe; ``--preset digits`` (the default when no data
 is given) trains a small BiFormer on scikit-learn's bundled handwritten digits in minutes on a CPU.
-Submodules are imported on first use, so ``python -m biformer.classification.data`` runs cleanly.
+Submodules are imported on first use, so ``biformer classify --help`` does not load torch.
 """
 from __future__ import annotations
 

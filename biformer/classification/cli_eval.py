@@ -44,13 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from . import data as data_lib
     from .engine import evaluate
-    from .inference import check_numbers, load_checkpoint
+    from ..checkpoint import load_checkpoint
+    from .inference import check_numbers
     from ..engine.runtime import init_runtime, resolve_amp, shutdown
 
     check_numbers(args, positive=("batch_size", "img_size"), non_negative=("num_workers",), fractions=("crop_pct",))
     runtime = init_runtime(args.device)
     try:
-        ckpt = load_checkpoint(args.checkpoint, args.model, runtime.device, args.img_size, args.crop_pct)
+        ckpt = load_checkpoint(args.checkpoint, args.model)
+        ckpt.model.eval().to(runtime.device)
+        data_cfg = ckpt.data_config(args.img_size, args.crop_pct)
         dataset = args.dataset if args.dataset is not None else (DIGITS if args.data is None else "")
         is_folder = not dataset
         source = data_lib.open_source(dataset, args.data, args.split,
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         if source.classes and len(source.classes) > ckpt.num_classes:
             raise UserValueError(f"the data has {len(source.classes)} classes but {ckpt.model_name} in "
                              f"{args.checkpoint!r} has {ckpt.num_classes}")
-        samples = data_lib.ImageSamples(source, data_lib.eval_transform(ckpt.data_cfg), replace_bad=False)
+        samples = data_lib.ImageSamples(source, data_lib.eval_transform(data_cfg), replace_bad=False)
         num_workers = args.num_workers if args.num_workers is not None else data_lib.default_num_workers()
         loader = data_lib.eval_loader(samples, args.batch_size, num_workers, runtime.device,
                                       runtime.world_size, runtime.rank)

@@ -51,14 +51,16 @@ def run(args: argparse.Namespace) -> int:
     from ..images import open_rgb
     from ..engine.loop import log
     from .data import eval_transform
-    from .inference import check_numbers, display_names, load_checkpoint
+    from ..checkpoint import load_checkpoint
+    from .inference import check_numbers, display_names
     from ..engine.runtime import resolve_device
 
     check_numbers(args, positive=("top_k", "batch_size"))
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint, args.model, device)
+    ckpt = load_checkpoint(args.checkpoint, args.model)
+    ckpt.model.eval().to(device)
     names = display_names(ckpt)
-    transform = eval_transform(ckpt.data_cfg)
+    transform = eval_transform(ckpt.data_config())
     k = min(args.top_k, ckpt.num_classes)
 
     readable: List[Tuple[Path, torch.Tensor]] = []

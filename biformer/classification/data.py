@@ -18,10 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -414,37 +413,26 @@ def default_num_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-# ---- exporting the digits as an ImageFolder ----------------------------------------------------
+# ---- the digits as an ImageFolder (`biformer classify demo-data`) ------------------------------
 
 
-def export_digits(root: Union[str, os.PathLike]) -> Path:
+def export_digits(root: Union[str, os.PathLike], num_train: Optional[int] = None,
+                  num_val: Optional[int] = None) -> Dict[str, int]:
     """Write the digits split as 8x8 PNGs in ``root/{train,val}/<digit>/`` (an ImageFolder); at their
-    native size, so a model sees them exactly as in training."""
+    native size, so a model sees them exactly as in training. ``num_train`` / ``num_val`` keep that
+    many images of a split, taking the digits in turn (so 10 or more hold every digit, and the val
+    classes are among the train ones); returns the images written per split."""
     root = Path(root)
-    for split in ("train", "val"):
+    written: Dict[str, int] = {}
+    for split, limit in (("train", num_train), ("val", num_val)):
         images, targets = digits_split(split)
-        for i, (img, target) in enumerate(zip(images, targets)):
-            folder = root / split / str(int(target))
+        rank_in_class = np.zeros(len(targets), dtype=np.int64)  # the k-th image of its digit has rank k
+        for digit in np.unique(targets):
+            rank_in_class[targets == digit] = np.arange(int((targets == digit).sum()))
+        kept = np.argsort(rank_in_class, kind="stable")[:limit]
+        for i in sorted(kept.tolist()):
+            folder = root / split / str(int(targets[i]))
             folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img, mode="L").save(folder / f"{split}_{i:04d}.png")
-    return root
-
-
-def _main(argv: Optional[Sequence[str]] = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m biformer.classification.data",
-        description="write the bundled digits as an ImageFolder (train/ and val/ of PNGs)",
-    )
-    parser.add_argument("command", choices=["export-digits"])
-    parser.add_argument("root", help="output directory")
-    args = parser.parse_args(argv)
-    root = export_digits(args.root)
-    n = sum(1 for _ in root.rglob("*.png"))
-    print(f"wrote {n} digit images to {root}/train and {root}/val")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main())
+            Image.fromarray(images[i], mode="L").save(folder / f"{split}_{i:04d}.png")
+        written[split] = len(kept)
+    return written

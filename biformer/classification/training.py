@@ -8,7 +8,6 @@ images replaced and counted), sharded evaluation (:mod:`.engine`) and how its fi
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -250,13 +249,9 @@ def engine_config(cfg: TrainConfig) -> EngineConfig:
         progress=cfg.progress, tensorboard=cfg.tensorboard)
 
 
-def _setup(cfg: TrainConfig, resume: bool, configure_threads: bool) -> Any:
+def _setup(cfg: TrainConfig, resume: bool) -> Any:
     def setup(runtime: Runtime) -> Tuple[ClassificationTask, EngineConfig, str]:
         resolved = resolve(cfg, runtime.world_size, cfg.output or broadcast_object(default_output(cfg)))
-        if configure_threads and runtime.device.type == "cpu":  # leave room for workers and other processes
-            from ..engine.threads import configure_cpu_threads
-
-            configure_cpu_threads(resolved.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # type: ignore[arg-type]
         header = [
             "biformer train: the resolved configuration of this run. Rerun: biformer train --config config.yaml",
             f"processes: {runtime.world_size}, global batch: "
@@ -270,10 +265,10 @@ def _setup(cfg: TrainConfig, resume: bool, configure_threads: bool) -> Any:
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Engine:
     """``biformer train``: ``cfg`` (from :func:`~.config.build_config`) in its own runtime (torchrun's
     processes, or one) and run folder. The returned engine's ``state.history`` holds metrics.csv's rows."""
-    return run_task(cfg.device, _setup(cfg, resume, configure_threads=True), resume, overwrite)
+    return run_task(cfg.device, _setup(cfg, resume), resume, overwrite)
 
 
 def train_in(runtime: Runtime, cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
              note: Any = log) -> Engine:
     """:func:`train` in a runtime the caller holds (the ablation runs several trainings in one process)."""
-    return run_in_folder(runtime, _setup(cfg, resume, configure_threads=False), resume, overwrite, note=note)
+    return run_in_folder(runtime, _setup(cfg, resume), resume, overwrite, note=note)

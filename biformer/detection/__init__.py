@@ -5,9 +5,24 @@
 
 See :mod:`biformer.detection.models` for the conventions, and ``biformer detect --help`` for the CLI.
 """
-from .data import CocoDetection
-from .engine import draw_detections, evaluate_coco
-from .models import BUILDERS, BiFormerFPN, BiFormerRetinaNet, load_detector, mask_rcnn, retinanet, save_detector
+import importlib
+from typing import Any
+
+# Loaded on first use: the submodules import torch, and ``biformer detect --help`` must not.
+_WHERE = {
+    "CocoDetection": "data", "draw_detections": "engine", "evaluate_coco": "engine", "BUILDERS": "models",
+    "BiFormerFPN": "models", "BiFormerRetinaNet": "models", "load_detector": "models", "mask_rcnn": "models",
+    "retinanet": "models", "save_detector": "models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BUILDERS",

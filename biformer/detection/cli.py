@@ -17,37 +17,28 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
-import torch
-
-from ..engine.loop import (ENGINE_NON_NEGATIVE, ENGINE_POSITIVE, add_engine_arguments, engine_config, resolve_options,
-                           run_config_text, run_task)
-from ..engine.runtime import resolve_device
+from ..demo_data import add_demo_arguments
+from ..engine.options import add_engine_arguments
 from ..errors import UserValueError
-from ..images import SAMPLE_IMAGES, load_image
-from ..resources import check_arguments, check_aspect, check_memory, json_argument
-from .data import CocoDetection, _read_coco_json
-from .engine import COCO_METRICS, draw_detections, evaluate_coco
-from .models import BUILDERS, load_detector
-from .training import DetectionTask, coco_split
+from ..images import SAMPLE_IMAGES
 
+if TYPE_CHECKING:  # torch loads when an action runs, so --help answers at once
+    import torch
+
+# the detectors of .models.BUILDERS, named here without importing them (a test checks they agree)
+MODELS = ("mask_rcnn", "retinanet")
 WEIGHT_DECAY = {"mask_rcnn": 0.05, "retinanet": 1e-4}  # the paper's configs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    demo = sub.add_parser("demo-data", help="write a small synthetic COCO-format dataset of shapes")
-    demo.add_argument("root", help="output folder (train/, val/, annotations/)")
-    demo.add_argument("--num-train", type=int, default=64)
-    demo.add_argument("--num-val", type=int, default=16)
-    demo.add_argument("--seed", type=int, default=0)
-
     train = sub.add_parser("train", help="train a detector on a COCO-layout root",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--data", help="COCO-layout ROOT: train/, val/, annotations/instances_{train,val}.json")
-    train.add_argument("--model", choices=sorted(BUILDERS), default="mask_rcnn")
+    train.add_argument("--model", choices=MODELS, default="mask_rcnn")
     train.add_argument("--backbone", default="biformer_small", help="biformer_tiny/small/base/stl")
     train.add_argument("--backbone-kwargs", default=None, help='extra BiFormer kwargs as JSON, e.g. \'{"depths": [1,1,2,1]}\'')
     train.add_argument("--model-kwargs", default=None,
@@ -71,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pr = sub.add_parser("predict", help="draw detections on an image to a PNG")
     pr.add_argument("image", help=f"image file, or a scikit-image sample: {', '.join(SAMPLE_IMAGES)}")
     pr.add_argument("--checkpoint", default=None, help="trained detector; without it an untrained model is used")
-    pr.add_argument("--model", choices=sorted(BUILDERS), default="mask_rcnn", help="untrained model (no --checkpoint)")
+    pr.add_argument("--model", choices=MODELS, default="mask_rcnn", help="untrained model (no --checkpoint)")
     pr.add_argument("--backbone", default="biformer_small", help="untrained model's backbone (no --checkpoint)")
     pr.add_argument("--output", default=None, help="also draw the detections to this PNG")
     pr.add_argument("--score-threshold", type=float, default=0.5,
@@ -81,8 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="refuse inputs estimated to need more memory than this (default: half the RAM)")
     pr.add_argument("--device", default="auto")
 
+    demo = sub.add_parser("demo-data", help="write a small synthetic COCO-format dataset of shapes")
+    add_demo_arguments(demo, "train/, val/, annotations/instances_{train,val}.json", num_train=64, num_val=16)
+
 
 def _format(metrics: Dict[str, float]) -> str:
+    from .engine import COCO_METRICS
+
     lines = []
     for kind in ("bbox", "segm"):
         if f"{kind}_AP" in metrics:
@@ -91,6 +87,11 @@ def _format(metrics: Dict[str, float]) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ..engine.loop import (ENGINE_NON_NEGATIVE, ENGINE_POSITIVE, engine_config, resolve_options,
+                               run_config_text, run_task)
+    from ..resources import check_arguments, json_argument
+    from .training import DetectionTask
+
     options, resume = resolve_options(args, "biformer detect train")
     if not options.get("data"):
         raise UserValueError("biformer detect train: give --data ROOT (a COCO-layout folder)")
@@ -112,6 +113,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from ..engine.runtime import init_runtime, shutdown
+    from .data import CocoDetection, _read_coco_json
+    from .engine import evaluate_coco
+    from .models import load_detector
+    from .training import coco_split
 
     images, annotations = coco_split(args.data, args.split)
     _read_coco_json(annotations)  # a broken annotation file is named before the checkpoint loads
@@ -134,10 +139,16 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-@torch.no_grad()
 def _predict(args: argparse.Namespace) -> int:
+    import torch
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
+
+    from ..engine.runtime import resolve_device
+    from ..images import load_image
+    from ..resources import check_arguments, check_aspect, check_memory
+    from .engine import draw_detections
+    from .models import BUILDERS, load_detector
 
     _set_output_limits(None, args.score_threshold, args.max_detections)  # check the numbers before any work
     check_arguments(args, positive=("max_memory_gb",))
@@ -156,7 +167,8 @@ def _predict(args: argparse.Namespace) -> int:
     check_memory(model, *_resized(model, pil.height, pil.width), args.max_memory_gb)
     model.to(device).eval()
     image = pil_to_tensor(pil)  # (3, H, W) uint8
-    output = model([image.float().div(255).to(device)])[0]
+    with torch.no_grad():
+        output = model([image.float().div(255).to(device)])[0]
     drawn = draw_detections(image, output, names, score_threshold=args.score_threshold)
     keep = output["scores"] >= args.score_threshold
     wrote = ""
@@ -199,11 +211,15 @@ def _set_output_limits(model: Optional[torch.nn.Module], score_threshold: float,
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    check_arguments(args, positive=("num_train", "num_val"))
+    from ..demo_data import write_new_folder
+    from ..resources import check_arguments
     from .synthetic import write_coco_shapes
 
-    paths = write_coco_shapes(args.root, num_train=args.num_train, num_val=args.num_val, seed=args.seed)
-    print("wrote " + ", ".join(f"{k}={v}" for k, v in paths.items()))
+    check_arguments(args, positive=("num_train", "num_val"))
+    root = write_new_folder(args.root, lambda folder: write_coco_shapes(
+        folder, num_train=args.num_train, num_val=args.num_val, seed=args.seed))
+    print(f"wrote {args.num_train} train and {args.num_val} val images with COCO annotations to {root}; "
+          f"train on them: biformer detect train --data {root} --output RUN")
     return 0
 
 

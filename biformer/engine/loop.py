@@ -676,41 +676,25 @@ def run_task(device: str, setup: RunSetup, resume: bool, overwrite: bool) -> Eng
     from .runtime import init_runtime, shutdown
 
     runtime = init_runtime(device)
+
+    def configured(runtime: Runtime) -> Tuple[Task, EngineConfig, str]:
+        task, cfg, config_text = setup(runtime)
+        if runtime.device.type == "cpu":  # threads that leave room for workers and other processes
+            import os
+
+            from . import threads
+
+            threads.configure_cpu_threads(cfg.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return task, cfg, config_text
+
     try:
-        return run_in_folder(runtime, setup, resume, overwrite)
+        return run_in_folder(runtime, configured, resume, overwrite)
     finally:
         shutdown(runtime)
 
 
 # options that say where and how a run executes, never what it computes: --resume may change them
 RUNTIME_OPTIONS = ("device", "num_workers", "progress", "tensorboard")
-
-
-def add_engine_arguments(parser: Any, *, epochs: int, batch_size: int, lr: float, warmup_steps: int,
-                         log_every: int = 20) -> None:
-    """The training options every dense task shares (classification has its own config system)."""
-    parser.add_argument("--output", default=None, help="run folder: config.yaml, last/best.safetensors, state.pt, "
-                        "metrics.csv, steps.csv, tb/, curves.png")
-    parser.add_argument("--resume", metavar="RUN", default=None, help="continue the run in RUN where it stopped")
-    parser.add_argument("--overwrite", action="store_true", help="start again in an --output that holds a run")
-    parser.add_argument("--epochs", type=int, default=epochs, help="passes over the training images")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="images per process and micro-step")
-    parser.add_argument("--accum-steps", type=int, default=1, help="micro-steps per update (gradient accumulation)")
-    parser.add_argument("--lr", type=float, default=lr, help="AdamW peak learning rate")
-    parser.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (none on norms, biases)")
-    parser.add_argument("--warmup-steps", type=int, default=warmup_steps, help="linear warmup updates")
-    parser.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this")
-    parser.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
-                        help="mixed precision (auto: bf16 or fp16 on GPUs, none on CPUs)")
-    parser.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPU processes")
-    parser.add_argument("--save-every", type=int, default=0, help="also checkpoint every N updates (0: epoch ends)")
-    parser.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
-    parser.add_argument("--log-every", type=int, default=log_every, help="updates between steps.csv rows")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--num-workers", type=int, default=0, help="data loader processes per training process")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    parser.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard logs")
 
 
 def resolve_options(args: Any, command: str) -> Tuple[Dict[str, Any], bool]:

@@ -6,9 +6,24 @@
 
 See :mod:`biformer.segmentation.models`, and ``biformer segment --help`` for the CLI.
 """
-from .data import ADE20K_CLASSES, SegmentationFolder
-from .engine import evaluate_miou, overlay
-from .models import BUILDERS, FCNHead, FPNHead, Segmentor, UPerHead, load_segmentor, save_segmentor, semantic_fpn, upernet
+import importlib
+from typing import Any
+
+# Loaded on first use: the submodules import torch, and ``biformer segment --help`` must not.
+_WHERE = {
+    "ADE20K_CLASSES": "data", "SegmentationFolder": "data", "evaluate_miou": "engine", "overlay": "engine",
+    "BUILDERS": "models", "FCNHead": "models", "FPNHead": "models", "Segmentor": "models", "UPerHead": "models",
+    "load_segmentor": "models", "save_segmentor": "models", "semantic_fpn": "models", "upernet": "models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ADE20K_CLASSES",

@@ -22,19 +22,13 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
-import torch
-import torch.nn.functional as F
-
-from ..engine.loop import (ENGINE_NON_NEGATIVE, ENGINE_POSITIVE, add_engine_arguments, engine_config, resolve_options,
-                           run_config_text, run_task)
-from ..engine.runtime import resolve_device
+from ..demo_data import add_demo_arguments
+from ..engine.options import add_engine_arguments
 from ..errors import UserValueError
-from ..images import SAMPLE_IMAGES, load_image
-from ..resources import check_arguments, check_aspect, check_memory, json_argument
-from .data import SegmentationFolder, class_names_for, rescale_size
-from .engine import evaluate_miou, overlay
-from .models import BUILDERS, load_segmentor
-from .training import SegmentationTask
+from ..images import SAMPLE_IMAGES
+
+# the segmentors of .models.BUILDERS, named here without importing them (a test checks they agree)
+MODELS = ("semantic_fpn", "upernet")
 
 RECIPES: Dict[str, Dict[str, Any]] = {
     # epochs: the paper's iterations x batch over ADE20K's 20,210 images; eval_every: its 16k / 8k iterations
@@ -48,16 +42,10 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    demo = sub.add_parser("demo-data", help="write a small synthetic ADE20K-style folder of shapes")
-    demo.add_argument("root")
-    demo.add_argument("--num-train", type=int, default=64)
-    demo.add_argument("--num-val", type=int, default=16)
-    demo.add_argument("--seed", type=int, default=0)
-
     train = sub.add_parser("train", help="train a segmentor on an ADE-layout root",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--data", help="ADE-layout ROOT: images/{training,validation}, annotations/{training,validation}")
-    train.add_argument("--model", choices=sorted(BUILDERS), default="upernet")
+    train.add_argument("--model", choices=MODELS, default="upernet")
     train.add_argument("--backbone", default="biformer_small", help="biformer_tiny/small/base/stl")
     train.add_argument("--backbone-kwargs", default=None, help='extra BiFormer kwargs as JSON, e.g. \'{"depths": [1,1,2,1]}\'')
     train.add_argument("--model-kwargs", default=None, help='extra builder kwargs as JSON, e.g. \'{"channels": 128}\'')
@@ -81,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pr = sub.add_parser("predict", help="save a colour overlay of the predicted classes")
     pr.add_argument("image", help=f"image file, or a scikit-image sample: {', '.join(SAMPLE_IMAGES)}")
     pr.add_argument("--checkpoint", default=None, help="trained segmentor; without it an untrained model is used")
-    pr.add_argument("--model", choices=sorted(BUILDERS), default="upernet", help="untrained model (no --checkpoint)")
+    pr.add_argument("--model", choices=MODELS, default="upernet", help="untrained model (no --checkpoint)")
     pr.add_argument("--backbone", default="biformer_small", help="untrained model's backbone (no --checkpoint)")
     pr.add_argument("--output", default=None, help="also save the colour overlay to this PNG")
     pr.add_argument("--scale", type=int, nargs=2, default=[2048, 512], metavar=("LONG", "SHORT"),
@@ -89,6 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pr.add_argument("--max-memory-gb", type=float, default=None,
                     help="refuse inputs estimated to need more memory than this (default: half the RAM)")
     pr.add_argument("--device", default="auto")
+
+    demo = sub.add_parser("demo-data", help="write a small synthetic ADE20K-style folder of shapes")
+    add_demo_arguments(demo, "images/, annotations/ (training, validation) and classes.txt", num_train=64,
+                       num_val=16)
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +98,11 @@ def _format(metrics: Dict[str, Any]) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ..engine.loop import (ENGINE_NON_NEGATIVE, ENGINE_POSITIVE, engine_config, resolve_options,
+                               run_config_text, run_task)
+    from ..resources import check_arguments, json_argument
+    from .training import SegmentationTask
+
     options, resume = resolve_options(args, "biformer segment train")
     if not options.get("data"):
         raise UserValueError("biformer segment train: give --data ROOT (an ADE-layout folder)")
@@ -131,6 +128,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from ..engine.runtime import init_runtime, shutdown
+    from ..resources import check_arguments
+    from .data import SegmentationFolder
+    from .engine import evaluate_miou
+    from .models import load_segmentor
 
     check_arguments(args, positive=("num_classes",), at_least_32=("scale",))
     runtime = init_runtime(args.device)
@@ -152,9 +153,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-@torch.no_grad()
 def _predict(args: argparse.Namespace) -> int:
+    import torch
+    import torch.nn.functional as F
     from torchvision.transforms.functional import pil_to_tensor
+
+    from ..engine.runtime import resolve_device
+    from ..images import load_image
+    from ..resources import check_arguments, check_aspect, check_memory
+    from .data import class_names_for, rescale_size
+    from .engine import overlay
+    from .models import BUILDERS, load_segmentor
 
     check_arguments(args, at_least_32=("scale",), positive=("max_memory_gb",))
     device = resolve_device(args.device)
@@ -174,7 +183,8 @@ def _predict(args: argparse.Namespace) -> int:
     check_memory(model, *size, args.max_memory_gb)
     model.to(device).eval()
     x = F.interpolate(image[None].float().div(255), size=size, mode="bilinear", align_corners=False)
-    logits = model(x.to(device))  # (1, K, h, w)
+    with torch.no_grad():
+        logits = model(x.to(device))  # (1, K, h, w)
     prediction = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0].argmax(0).cpu()
     wrote = ""
     if args.output:  # nothing is written unless asked
@@ -189,11 +199,15 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    check_arguments(args, positive=("num_train", "num_val"))
+    from ..demo_data import write_new_folder
+    from ..resources import check_arguments
     from .synthetic import write_ade_shapes
 
-    root = write_ade_shapes(args.root, num_train=args.num_train, num_val=args.num_val, seed=args.seed)
-    print(f"wrote {root}/images, {root}/annotations (training, validation) and {root}/classes.txt")
+    check_arguments(args, positive=("num_train", "num_val"))
+    root = write_new_folder(args.root, lambda folder: write_ade_shapes(
+        folder, num_train=args.num_train, num_val=args.num_val, seed=args.seed))
+    print(f"wrote {args.num_train} training and {args.num_val} validation images with labels to {root}; "
+          f"train on them: biformer segment train --data {root} --output RUN")
     return 0
 
 

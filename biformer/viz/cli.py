@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image",
                         help=f"image file, or one of the photos bundled with scikit-image: {', '.join(BUNDLED_IMAGES)}")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", help="trained checkpoint (ours from `biformer train`, or the original's format)")
+    source.add_argument("--checkpoint", help="trained checkpoint (ours from `biformer train`, the original's format, "
+                        "or hf-hub:ORG/NAME)")
     source.add_argument("--model", default=None,
                         help="registered model name for a random-init model (default biformer_tiny; the picture then means nothing)")
     parser.add_argument("--stage", type=int, default=3, help="routed stage, numbered 1..4 as in the paper (default: 3; stage 4 has no routing)")
@@ -54,10 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace) -> Tuple[Any, str, bool]:
     """(model, name, untrained)."""
     if args.checkpoint:
-        from ..checkpoint import load_model
+        from ..checkpoint import load_checkpoint
 
-        model, info = load_model(args.checkpoint)
-        return model, info["model_name"], False
+        loaded = load_checkpoint(args.checkpoint)
+        return loaded.model, loaded.model_name, False
     import timm
 
     from .. import models  # noqa: F401  (registers the variants with timm)

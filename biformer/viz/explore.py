@@ -1,4 +1,5 @@
-"""``biformer explore``: one self-contained HTML page to explore the routing by clicking.
+"""The page of ``biformer explore`` (:mod:`.cli_explore`): a self-contained HTML page to explore the
+routing by clicking.
 
     biformer explore --checkpoint runs/digits/best.safetensors astronaut photo.jpg --output explorer.html
 
@@ -14,16 +15,13 @@ A URL fragment selects a view and clicks a point, so a view can be shared:
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import json
 import math
-import sys
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -33,7 +31,7 @@ import torch.nn as nn
 from ..errors import UserError
 from .capture import CapturedLayer
 from .figures import UNTRAINED_NOTE, _forward, _frequency, _prepare
-from .images import BUNDLED_IMAGES, ImageLike, load_image
+from .images import ImageLike, load_image
 from .._extras import require
 
 __all__ = ["ExplorerImage", "build_explorer_data", "layer_data", "write_explorer"]
@@ -169,50 +167,3 @@ def write_explorer(
 
     atomic_write(output, write)
     return len(page)
-
-
-# ---- `biformer explore` ---------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="*", metavar="IMAGE",
-                        help=f"image files or bundled photos ({', '.join(BUNDLED_IMAGES)}); default: all bundled photos")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", metavar="CKPT",
-                        help="trained checkpoint (ours, the original's, or hf-hub:ORG/NAME)")
-    source.add_argument("--model", default=None,
-                        help="registered model name for a random-init model (default biformer_tiny; the page then means nothing)")
-    parser.add_argument("--size", type=int, default=224,
-                        help="shorter side of the model input (default: 224), rounded as in `biformer visualize`")
-    parser.add_argument("--attention-mb", type=float, default=DEFAULT_ATTENTION_MB, metavar="MB",
-                        help=f"attention bytes per image before query tokens are subsampled (default: {DEFAULT_ATTENTION_MB:g})")
-    parser.add_argument("--output", required=True, help="output .html file")
-
-
-def run(args: argparse.Namespace) -> int:
-    import warnings
-
-    from ..hub import resolve_checkpoint
-    from .cli import _load
-    from .figures import UntrainedModelWarning
-
-    if args.size < 32:
-        raise UserError(f"got --size {args.size}, expected at least 32 (the model's total stride)")
-    if args.attention_mb <= 0:
-        raise UserError(f"got --attention-mb {args.attention_mb:g}, expected a positive size")
-    for item in args.images:
-        if item not in BUNDLED_IMAGES and not Path(item).is_file():
-            raise UserError(f"no image file at {item!r}; expected a file or one of the bundled photos {BUNDLED_IMAGES}")
-    weights = args.checkpoint
-    if args.checkpoint:
-        args.checkpoint = resolve_checkpoint(args.checkpoint)
-    model, name, untrained = _load(args)
-    if untrained:
-        print(f"warning: no --checkpoint, so {name} has random weights. {UNTRAINED_NOTE}.", file=sys.stderr)
-    images = [ExplorerImage(Path(i).name if i not in BUNDLED_IMAGES else i, i) for i in (args.images or BUNDLED_IMAGES)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UntrainedModelWarning)
-        size = write_explorer(model, images, args.output, name=name, weights=None if untrained else weights,
-                              size=args.size, attention_mb=args.attention_mb)
-    print(f"wrote {args.output} ({size / 2 ** 20:.2f} MB, {len(images)} image(s)); open it in any browser")
-    return 0
