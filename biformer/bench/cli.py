@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"and training at batch {QUICK_TRAIN_BATCH}, {QUICK_REPEATS} rounds; with --table, "
                              f"{TABLE_QUICK_REPEATS} rounds and one RSS process per model")
     parser.add_argument("--table", choices=TABLES,
-                        help="measure exactly the table of this issue in one run and print it as markdown "
+                        help="measure the speed-targets table (ours, Swin-T and the original) in one run and print it as markdown "
                              "(224x224, batch 8, 2 threads unless overridden; ~15-25 minutes, --quick for a check)")
     settings = parser.add_argument_group("how models run (each adds candidates next to eager fp32, interleaved)")
     settings.add_argument("--compile", action="store_true", help="also torch.compile (inductor) each model")

@@ -127,7 +127,7 @@ def _ips(measured: Dict[str, Any], seconds: Optional[float]) -> str:
 
 
 def table_rows(measured: Dict[str, Any]) -> List[Tuple[str, str, str, str, Optional[bool]]]:
-    """(measure, ours, target, detail, met) per line of the issue's table."""
+    """(measure, ours, target, detail, met) per line of the speed-targets table."""
     rows: List[Tuple[str, str, str, str, Optional[bool]]] = []
     S, T, W = ModelCandidate(SMALL), ModelCandidate(TINY), ModelCandidate(SWIN)
 
@@ -189,7 +189,7 @@ def table_rows(measured: Dict[str, Any]) -> List[Tuple[str, str, str, str, Optio
 
 
 def format_table(measured: Dict[str, Any]) -> str:
-    """The issue's table as markdown: measure, ours, target, met, detail."""
+    """The speed-targets table as markdown: measure, ours, target, met, detail."""
     lines = [f"{measured['image_size']}², batch {measured['batch']}, medians of {measured['repeats']} interleaved "
              "rounds per group", "", "| measure | ours | target | met | detail |", "|---|---|---|---|---|"]
     for measure, ours, target, detail, met in table_rows(measured):
