@@ -51,19 +51,20 @@ def may_be_nonfinite(q: Tensor, k: Tensor, v: Tensor) -> bool:
     are finite. A finite sum proves it; an overflowing sum of finite values only costs the term."""
     if torch.compiler.is_compiling() or q.device.type != "cpu":
         return True
-    return not all(bool(torch.isfinite(_checksum(t))) for t in (q, k, v))
-
-
-def _checksum(x: Tensor) -> Tensor:
-    """A sum that is finite if ``x`` is. float32 and bfloat16 sum in their own dtype (the same range,
-    and no upcast copy of the map, which cost bf16 inference a tenth of its time); float16 would
-    overflow at 65504, so it sums in float32."""
-    return x.sum(dtype=torch.float32) if x.dtype == torch.float16 else x.sum()
+    # min and max propagate NaN and keep ±inf, in one pass with no upcast copy of a bf16/fp16 map
+    # (a float32 sum of a bf16 map cost a tenth of bf16 inference)
+    return not all(bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()) for t in (q, k, v))
 
 
 def _inputs_nonfinite(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """0-d bool tensor: some input may hold NaN or ±inf (a finite sum proves they do not)."""
-    return ~torch.isfinite(_checksum(q).float() + _checksum(k).float() + _checksum(v).float())
+    """0-d bool tensor: some input may hold NaN or ±inf (a finite sum proves they do not).
+
+    Sums rather than min/max here: this runs in compiled graphs and in ONNX Runtime, whose max
+    reductions need not propagate NaN. float16 sums in float32 (its own range ends at 65504)."""
+    def checksum(x: Tensor) -> Tensor:
+        return x.sum(dtype=torch.float32) if x.dtype == torch.float16 else x.sum().float()
+
+    return ~torch.isfinite(checksum(q) + checksum(k) + checksum(v))
 
 
 def nonfinite_guard(
