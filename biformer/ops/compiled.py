@@ -17,8 +17,10 @@ ONNX has no translation for them), see :func:`use_compiled_ops`.
 Measured (one BiFormer-S stage-2 block, 28x28x128, batch 8, fwd+bwd, 1 thread, interleaved medians,
 on the shared 2-core machine at load ~12: ``python tools/compile_layer.py --stage 2 --train``):
 compiled/eager speed 0.78x before these ops, 0.85x with them, 0.94x once the op saved SDPA's operands
-instead of re-gathering them. Still not a speed-up: the remaining loss is in inductor's fused
-LayerNorm/GELU kernels and larger ``mm`` times, not yet analysed.
+instead of re-gathering them. The largest single loss was elsewhere: the check for non-finite
+inputs (:mod:`biformer.ops.nonfinite`) ran in full in every compiled call; behind a ``torch.cond``
+branch, whole-model BiFormer-S compiled/eager went from 0.85x to 0.94x in training and to 1.07x in
+inference (``biformer bench --table targets``, quiet machine, 2026-12-02).
 """
 from __future__ import annotations
 
