@@ -4,23 +4,15 @@ Importing this package registers the ``biformer_ablate`` timm model. See docs/ab
 """
 from __future__ import annotations
 
-from typing import Any
-
 from .. import _CLI_START
+from .._lazy import lazy_exports
 
 _WHERE = {"MIXERS": "mixers", "ROUTED_MIXERS": "mixers", "build_mixer": "mixers", "mixer_factory": "mixers",
           "DIGITS_SKELETON": "skeleton", "biformer_ablate": "skeleton"}
 
 if _CLI_START:  # as biformer/__init__.py: `biformer ablate --help` must not load torch; the command
     # imports the skeleton (and so registers it) when it runs
-    def __getattr__(name: str) -> Any:
-        if name not in _WHERE:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        import importlib
-
-        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
+    __getattr__ = lazy_exports(__name__, _WHERE)
 else:
     from .mixers import MIXERS, ROUTED_MIXERS, build_mixer, mixer_factory
     from .skeleton import DIGITS_SKELETON, biformer_ablate

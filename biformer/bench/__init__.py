@@ -6,8 +6,7 @@
 * :mod:`.suites`: the parts (BRA layers, whole models, efficiency);
 * :mod:`.runner` / :mod:`.report`: one run as a dict; tables, targets, JSON and PNG.
 """
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 # Loaded on first use: the submodules import torch, and ``biformer bench --help`` must not.
 _WHERE = {
@@ -18,12 +17,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _WHERE)
 
 
 __all__ = [

@@ -5,8 +5,7 @@
 
 See :mod:`biformer.detection.models` for the conventions, and ``biformer detect --help`` for the CLI.
 """
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 # Loaded on first use: the submodules import torch, and ``biformer detect --help`` must not.
 _WHERE = {
@@ -16,12 +15,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _WHERE)
 
 
 __all__ = [

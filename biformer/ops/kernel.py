@@ -11,9 +11,9 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def explicit_kernel_preferred(q: Tensor) -> bool:
-    """bf16/fp16 on the CPU: there SDPA's flash kernel on BRA's small blocks (16-196 queries) runs
-    1.3x slower in inference and 4-5x slower in training than a matmul + softmax, whose bf16 matmuls
-    use the CPU's bf16 dot-product instructions (BiFormer-S layers, batch 8, 2 threads)."""
+    """bf16/fp16 on the CPU: there SDPA's flash kernel on BRA's small blocks (4-196 queries) ran up
+    to 1.3x slower in inference and 1.7-4x slower in training than a matmul + softmax, whose bf16
+    matmuls use the CPU's bf16 dot-product instructions (BiFormer-S layers, batch 8, 2 threads)."""
     return q.device.type == "cpu" and q.dtype in _LOW_PRECISION
 
 

@@ -48,11 +48,10 @@ _INF = float("inf")
 def may_be_nonfinite(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether a backend must add :func:`nonfinite_term`: always when compiling or off the CPU
     (a data-dependent branch would break the graph or wait for the GPU), else unless the inputs
-    are finite. A finite sum proves it; an overflowing sum of finite values only costs the term."""
+    are finite: their min and max (which propagate NaN and keep ±inf) are, in one pass with no
+    upcast copy of a bf16/fp16 map and no fp16 overflow."""
     if torch.compiler.is_compiling() or q.device.type != "cpu":
         return True
-    # min and max propagate NaN and keep ±inf, in one pass with no upcast copy of a bf16/fp16 map
-    # (a float32 sum of a bf16 map cost a tenth of bf16 inference)
     return not all(bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()) for t in (q, k, v))
 
 

@@ -6,8 +6,7 @@
 
 See :mod:`biformer.segmentation.models`, and ``biformer segment --help`` for the CLI.
 """
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 # Loaded on first use: the submodules import torch, and ``biformer segment --help`` must not.
 _WHERE = {
@@ -17,12 +16,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _WHERE)
 
 
 __all__ = [

@@ -12,8 +12,7 @@ Python API (for notebooks)::
 
 Command line: ``biformer visualize astronaut --output out.png``.
 """
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 # Loaded on first use: the submodules import torch, and ``biformer visualize --help`` must not.
 _WHERE = {
@@ -25,12 +24,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _WHERE)
 
 
 __all__ = [
